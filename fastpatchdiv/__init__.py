@@ -1,0 +1,9 @@
+"""fastpatchdiv: fused, O(N·D)-memory patch-diversification losses for Vision Transformers.
+
+Losses of Gong et al. 2021, "Vision Transformers with Patch Diversification" (arXiv 2104.12753).
+"""
+
+from fastpatchdiv.cosine import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
+
+__version__ = "0.1.0"
+__all__ = ["PatchCosineFunction", "PatchCosineLoss", "patch_cosine_loss"]
