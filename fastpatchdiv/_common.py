@@ -5,8 +5,6 @@ Each public loss checks its arguments once, here, so the messages read the same 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,6 +78,3 @@ def per_image_grad(grad_output: torch.Tensor, reduction: str, batch: int) -> tor
     scale = 1.0 / batch if reduction == "mean" else 1.0
     return (g * scale).reshape(1).expand(batch)
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")

@@ -34,67 +34,72 @@ def _tiles(n: int, t: int):
             yield i0, min(i0 + t, n), j0, min(j0 + t, n)
 
 
-def _torch_forward(x: torch.Tensor):
+def _torch_forward(x: torch.Tensor, need_grad: bool):
+    """Per-image losses and, when ``need_grad``, d loss_b / dx (in fp32/fp64) from the same tiles.
+
+    S is symmetric, so only tiles J >= I are formed (N²·D/2 multiply-adds); with ``need_grad`` each tile
+    also adds sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²·D more). Done serially, both
+    updates are deterministic without atomics, and the backward is left with an O(N·D) scale.
+    """
     B, N, _ = x.shape
     xhat, norm = _normalize(x)
     total = torch.zeros(B, dtype=xhat.dtype, device=x.device)
-    for i0, i1, j0, j1 in _tiles(N, _tile_size(B, N)):
-        s = torch.bmm(xhat[:, i0:i1], xhat[:, j0:j1].transpose(1, 2)).abs_()
-        if i0 == j0:
-            s.diagonal(dim1=1, dim2=2).zero_()
-            total += s.sum(dim=(1, 2))
-        else:
-            total += 2 * s.sum(dim=(1, 2))
-    return (total / (N * (N - 1))).to(torch.float32 if x.dtype != torch.float64 else x.dtype), xhat, norm
-
-
-def _torch_backward(x: torch.Tensor, xhat: torch.Tensor, norm: torch.Tensor, grad_per_image: torch.Tensor):
-    """Symmetric tiles, serial, so both updates of a tile pair are deterministic without atomics."""
-    B, N, _ = x.shape
-    g = torch.zeros_like(xhat)
+    g = torch.zeros_like(xhat) if need_grad else None
     for i0, i1, j0, j1 in _tiles(N, _tile_size(B, N)):
         xi, xj = xhat[:, i0:i1], xhat[:, j0:j1]
-        sgn = torch.bmm(xi, xj.transpose(1, 2)).sign_()
-        if i0 == j0:
-            sgn.diagonal(dim1=1, dim2=2).zero_()
-            g[:, i0:i1] += torch.bmm(sgn, xj)
-        else:
-            g[:, i0:i1] += torch.bmm(sgn, xj)
-            g[:, j0:j1] += torch.bmm(sgn.transpose(1, 2), xi)
-    g *= (grad_per_image.to(g.dtype) * (2.0 / (N * (N - 1)))).view(B, 1, 1)
-    clamped = (norm < EPS).unsqueeze(-1)
-    r = norm.clamp_min(EPS).unsqueeze(-1)
+        s = torch.bmm(xi, xj.transpose(1, 2))
+        diagonal = i0 == j0
+        if diagonal:
+            s.diagonal(dim1=1, dim2=2).zero_()
+        total += (1 if diagonal else 2) * torch.linalg.vector_norm(s, ord=1, dim=(1, 2))
+        if need_grad:
+            sgn = s.sign_()
+            g[:, i0:i1].baddbmm_(sgn, xj)
+            if not diagonal:
+                g[:, j0:j1].baddbmm_(sgn.transpose(1, 2), xi)
+    c = 1.0 / (N * (N - 1))
+    loss = (total * c).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if not need_grad:
+        return loss, None
+    g *= 2 * c
+    # Back through x̂ = x / max(|x|, eps): the part of g along x̂ is the norm's; clamped rows scale by 1/eps.
     proj = (g * xhat).sum(dim=-1, keepdim=True)
-    dx = torch.where(clamped, g, g - proj * xhat) / r
-    return dx.to(x.dtype)
+    dx = torch.where((norm < EPS).unsqueeze(-1), g, g - proj * xhat) / norm.clamp_min(EPS).unsqueeze(-1)
+    return loss, dx
 
 
 class PatchCosineFunction(torch.autograd.Function):
-    """(x (B, N, D), reduction, backend) -> reduced loss. Checks happen in ``patch_cosine_loss``."""
+    """(x (B, N, D), reduction, backend, grad_enabled) -> reduced loss. Checks happen in ``patch_cosine_loss``.
+
+    ``grad_enabled`` is the caller's ``torch.is_grad_enabled()`` (forward always runs without grad): the
+    PyTorch path forms the gradient inside the forward only when a backward can follow.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, reduction: str = "mean", backend: str = "triton"):
+    def forward(ctx, x: torch.Tensor, reduction: str = "mean", backend: str = "triton", grad_enabled: bool = True):
+        ctx.reduction, ctx.backend = reduction, backend
         if backend == "triton":
             from fastpatchdiv.kernels.cosine import cosine_forward
 
             loss, xhat, norm = cosine_forward(x)
+            ctx.save_for_backward(x, xhat, norm)
         else:
-            loss, xhat, norm = _torch_forward(x)
-        ctx.save_for_backward(x, xhat, norm)
-        ctx.reduction, ctx.backend = reduction, backend
+            loss, dx = _torch_forward(x, need_grad=grad_enabled and ctx.needs_input_grad[0])
+            ctx.save_for_backward(dx)
+            ctx.input_dtype = x.dtype
         return reduce_images(loss, reduction)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        x, xhat, norm = ctx.saved_tensors
-        gpi = per_image_grad(grad_output, ctx.reduction, x.shape[0])
         if ctx.backend == "triton":
             from fastpatchdiv.kernels.cosine import cosine_backward
 
-            dx = cosine_backward(x, xhat, norm, gpi)
-        else:
-            dx = _torch_backward(x, xhat, norm, gpi)
-        return dx, None, None
+            x, xhat, norm = ctx.saved_tensors
+            gpi = per_image_grad(grad_output, ctx.reduction, x.shape[0])
+            return cosine_backward(x, xhat, norm, gpi), None, None, None
+        (dx,) = ctx.saved_tensors
+        gpi = per_image_grad(grad_output, ctx.reduction, dx.shape[0]).to(dx.dtype)
+        return (dx * gpi.view(-1, 1, 1)).to(ctx.input_dtype), None, None, None
 
 
 def patch_cosine_loss(x: torch.Tensor, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
@@ -106,7 +111,10 @@ def patch_cosine_loss(x: torch.Tensor, *, reduction: str = "mean", backend: str 
 
     eps = 1e-12, so a zero token has cosine 0 with everything (no NaN). This is the patch-wise cosine
     loss of Gong et al. 2021 ("Vision Transformers with Patch Diversification"), eq. (2). Memory is
-    O(B·N·D): the N x N similarity matrix is never stored, only tiles of it; the backward recomputes them.
+    O(B·N·D): the N x N similarity matrix is never stored, only tiles of it. The Triton path's forward
+    visits only the tiles J >= I of the symmetric matrix (N²·D/2 multiply-adds per image) and its
+    backward recomputes them (2·N²·D). The PyTorch path, when x requires grad, forms the gradient from
+    the same symmetric tiles during the forward (1.5·N²·D in all) and its backward only scales it.
 
     Args:
         x: (B, N, D) or (N, D) patch tokens, float32, float16, bfloat16 or float64, any strides
@@ -140,7 +148,7 @@ def patch_cosine_loss(x: torch.Tensor, *, reduction: str = "mean", backend: str 
                 f"backend='triton' supports D <= {MAX_KERNEL_D}, got D = {x3.shape[-1]}; use backend='auto'"
             )
         chosen = "torch"
-    return PatchCosineFunction.apply(x3, reduction, chosen)
+    return PatchCosineFunction.apply(x3, reduction, chosen, torch.is_grad_enabled())
 
 
 class PatchCosineLoss(nn.Module):
