@@ -1,0 +1,426 @@
+"""Patch-contrastive loss: values and gradients against the float64 oracle, numerics, errors, memory.
+
+The kernel tests (``-m kernel``) exercise negatives="all" through the Triton kernels (CUDA, or CPU under
+TRITON_INTERPRET=1, where every program instance costs milliseconds: shapes stay at a few dozen tiles).
+"mean" and "window" are the same O(N·D) torch code on every backend and are covered by the default pass.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tests.helpers import assert_close, compile_for_cuda
+
+from fastpatchdiv import contrastive as C
+from fastpatchdiv.contrastive import PatchContrastiveLoss, patch_contrastive_loss
+from fastpatchdiv.kernels import INTERPRETER
+from fastpatchdiv.reference import contrastive_loss_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture
+def small_torch_tiles(monkeypatch):
+    """Shrink the blockwise torch path's tiles to 16 x 16 so small N crosses several tile edges."""
+    monkeypatch.setattr(C, "_TORCH_TILE_ELEMS", 16 * 16)
+
+
+def make_tokens(B, N, D, dtype, device="cpu", scale=1.0):
+    """Fresh random (first, last) in ``dtype``, scaled so unnormalised logits stay O(scale²·sqrt(D))."""
+    first = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    last = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return first, last
+
+
+def check_against_reference(first, last, *, detach_first=True, what="", **kw):
+    """Run the loss with reduction="none" and a random (B,) grad_output; compare values and gradients.
+
+    The oracle sees the same (rounded) inputs in float64, with the tolerances of tests/helpers.py.
+    """
+    dtype = first.dtype
+    first = first.detach().clone().requires_grad_()
+    last = last.detach().clone().requires_grad_()
+    loss = patch_contrastive_loss(first, last, detach_first=detach_first, reduction="none", **kw)
+    assert loss.dtype == torch.float32 and loss.shape == (first.shape[0] if first.dim() == 3 else 1,)
+    weights = torch.rand(loss.shape, dtype=torch.float32, device=loss.device) + 0.5
+    loss.backward(weights)
+
+    ref_kw = {k: kw[k] for k in ("temperature", "normalize", "negatives", "grid", "window") if k in kw}
+    f64 = first.detach().cpu().double().requires_grad_()
+    l64 = last.detach().cpu().double().requires_grad_()
+    ref = contrastive_loss_reference(f64, l64, **ref_kw)
+    (ref * weights.cpu().double()).sum().backward()
+
+    assert_close(loss, ref, dtype, f"{what} loss")
+    assert last.grad is not None and last.grad.dtype == dtype
+    grads = [("d last", last.grad, l64.grad)]
+    if detach_first:
+        assert first.grad is None, f"{what}: detach_first=True but first received a gradient"
+    else:
+        assert first.grad is not None and first.grad.dtype == dtype
+        grads.append(("d first", first.grad, f64.grad))
+    for name, got, want in grads:
+        assert torch.isfinite(got).all(), f"{what} {name}: non-finite gradient"
+        assert_close(got, want, dtype, f"{what} {name}")
+    return loss
+
+
+# (B, N, D, temperature, grid, window): ragged N and D around the 16-wide tiles; N = 64 uses the default
+# square grid.
+SHAPES = [
+    pytest.param(2, 2, 3, 1.0, (1, 2), 3, id="N2-D3"),
+    pytest.param(2, 17, 33, 0.07, (1, 17), 5, id="N17-D33"),
+    pytest.param(1, 130, 33, 0.2, (10, 13), 7, id="N130-D33"),
+    pytest.param(1, 257, 3, 1.0, (1, 257), 3, id="N257-D3"),
+    pytest.param(2, 64, 128, 0.2, None, 7, id="N64-D128"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch path (default pass): every mode, dtype, temperature, normalize
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, N, D, temperature, grid, window", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("negatives", ["mean", "window", "all"])
+def test_torch_path_matches_reference(small_torch_tiles, negatives, normalize, dtype, B, N, D, temperature, grid, window):
+    first, last = make_tokens(B, N, D, dtype, scale=D**-0.25)
+    check_against_reference(
+        first, last, backend="torch", detach_first=(N % 2 == 0), temperature=temperature, normalize=normalize,
+        negatives=negatives, grid=grid, window=window, what=f"torch {negatives}",
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
+@pytest.mark.parametrize("negatives", ["mean", "window", "all"])
+def test_torch_path_noncontiguous(small_torch_tiles, negatives, temperature):
+    base = torch.randn(2, 21, 24)
+    first = base[:, 1:]  # drop a "class token": a strided view
+    last = torch.randn(2, 24, 20).transpose(1, 2)  # transposed storage
+    assert not first.is_contiguous() and not last.is_contiguous()
+    check_against_reference(
+        first, last, backend="torch", detach_first=False, temperature=temperature, negatives=negatives,
+        grid=(4, 5), window=3, what="torch non-contiguous",
+    )
+
+
+def test_two_dim_input_is_one_image():
+    first, last = make_tokens(1, 9, 5, torch.float32)
+    for negatives in ("mean", "window", "all"):
+        three = patch_contrastive_loss(first, last, negatives=negatives, window=3, reduction="none")
+        two = patch_contrastive_loss(first[0], last[0], negatives=negatives, window=3, reduction="none")
+        assert two.shape == (1,)
+        torch.testing.assert_close(two, three)
+
+
+@pytest.mark.parametrize("negatives", ["mean", "window", "all"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_gradcheck_torch_path(small_torch_tiles, negatives, normalize):
+    first, last = make_tokens(1, 18, 3, torch.float64)  # 18 > 16: two tiles on the torch path
+    first.requires_grad_()
+    last.requires_grad_()
+
+    def fn(f, z):
+        return patch_contrastive_loss(
+            f, z, temperature=0.3, normalize=normalize, negatives=negatives, detach_first=False,
+            reduction="none", grid=(3, 6), window=3, backend="torch",
+        )
+
+    assert torch.autograd.gradcheck(fn, (first, last), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("negatives", ["mean", "window", "all"])
+def test_torch_path_huge_logits(small_torch_tiles, negatives, dtype):
+    first, last = huge_logit_tokens(dtype)
+    loss = check_against_reference(
+        first, last, backend="torch", detach_first=False, negatives=negatives, grid=(3, 6), window=3,
+        what="torch ±500 logits",
+    )
+    assert torch.isfinite(loss).all()
+
+
+def test_torch_path_deterministic(small_torch_tiles):
+    first, last = make_tokens(2, 40, 33, torch.float32)
+    grads = [run_backward(first, last, negatives="all", backend="torch") for _ in range(2)]
+    for g0, g1 in zip(grads[0], grads[1]):
+        assert torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("negatives", ["mean", "window", "all"])
+def test_module_functional_and_reductions(negatives):
+    first, last = make_tokens(3, 16, 8, torch.float32)
+    kw = dict(temperature=0.2, normalize=True, negatives=negatives, window=3)
+    per_image = patch_contrastive_loss(first, last, reduction="none", **kw)
+    assert per_image.shape == (3,) and per_image.dtype == torch.float32
+    torch.testing.assert_close(patch_contrastive_loss(first, last, **kw), per_image.mean())
+    torch.testing.assert_close(patch_contrastive_loss(first, last, reduction="sum", **kw), per_image.sum())
+    module = PatchContrastiveLoss(reduction="sum", **kw)
+    torch.testing.assert_close(module(first, last), per_image.sum())
+    assert "negatives=" in repr(module)
+
+    # reduction="none" with a non-scalar grad_output, through the Module and the function alike.
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    grads = []
+    for call in (PatchContrastiveLoss(reduction="none", **kw), lambda f, z: patch_contrastive_loss(f, z, reduction="none", **kw)):
+        z = last.clone().requires_grad_()
+        call(first, z).backward(weights)
+        grads.append(z.grad)
+    z = last.clone().requires_grad_()
+    (patch_contrastive_loss(first, z, reduction="none", **kw) * weights).sum().backward()
+    torch.testing.assert_close(grads[0], z.grad)
+    torch.testing.assert_close(grads[1], z.grad)
+
+
+def test_float64_loss_and_default_paper_form():
+    first, last = make_tokens(2, 9, 4, torch.float64)
+    loss = patch_contrastive_loss(first, last)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, contrastive_loss_reference(first, last).mean())
+
+
+def _bad(**overrides):
+    first, last = make_tokens(2, 9, 4, torch.float32)
+    kw = dict(first=first, last=last)
+    kw.update(overrides)
+    return kw
+
+
+BAD_INPUTS = [
+    pytest.param(_bad(last=torch.randn(2, 8, 4)), ValueError, "same shape", id="shape-mismatch"),
+    pytest.param(_bad(last=torch.randn(2, 9, 4, dtype=torch.float64)), TypeError, "same dtype", id="dtype-mismatch"),
+    pytest.param(_bad(first=torch.randn(2, 9, 4, device="meta")), ValueError, "same device", id="device-mismatch"),
+    pytest.param(_bad(first=torch.ones(2, 9, 4, dtype=torch.int64)), TypeError, "floating", id="int-dtype"),
+    pytest.param(_bad(first=[[1.0]]), TypeError, "torch.Tensor", id="not-a-tensor"),
+    pytest.param(_bad(first=torch.randn(9), last=torch.randn(9)), ValueError, "shape", id="1-d"),
+    pytest.param(_bad(first=torch.randn(2, 1, 4), last=torch.randn(2, 1, 4)), ValueError, "N >= 2", id="N1"),
+    pytest.param(_bad(temperature=0.0), ValueError, "temperature", id="temperature-0"),
+    pytest.param(_bad(temperature=-0.5), ValueError, "temperature", id="temperature-negative"),
+    pytest.param(_bad(temperature=float("inf")), ValueError, "temperature", id="temperature-inf"),
+    pytest.param(_bad(temperature=float("nan")), ValueError, "temperature", id="temperature-nan"),
+    pytest.param(_bad(temperature="0.1"), TypeError, "temperature", id="temperature-str"),
+    pytest.param(_bad(negatives="hard"), ValueError, "negatives", id="negatives"),
+    pytest.param(_bad(reduction="max"), ValueError, "reduction", id="reduction"),
+    pytest.param(_bad(backend="cuda"), ValueError, "backend", id="backend"),
+    pytest.param(_bad(first=torch.randn(2, 8, 4), last=torch.randn(2, 8, 4), negatives="window"), ValueError, "not a square", id="grid-not-square"),
+    pytest.param(_bad(negatives="window", grid=(2, 4)), ValueError, "grid", id="grid-product"),
+    pytest.param(_bad(negatives="all", grid=(3, 4)), ValueError, "grid", id="grid-product-any-mode"),
+    pytest.param(_bad(negatives="window", grid=(3, 3, 1)), ValueError, "grid", id="grid-len"),
+    pytest.param(_bad(negatives="window", grid=(3, 3), window=4), ValueError, "window", id="window-even"),
+    pytest.param(_bad(negatives="window", grid=(3, 3), window=1), ValueError, "window", id="window-1"),
+    pytest.param(_bad(negatives="window", grid=(3, 3), window=3.0), ValueError, "window", id="window-float"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
+def test_bad_inputs_raise(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    with pytest.raises(exc, match=match):
+        patch_contrastive_loss(kwargs.pop("first"), kwargs.pop("last"), **kwargs)
+
+
+def test_module_rejects_bad_config():
+    with pytest.raises(ValueError, match="negatives"):
+        PatchContrastiveLoss(negatives="hard")
+    with pytest.raises(ValueError, match="reduction"):
+        PatchContrastiveLoss(reduction="max")
+
+
+@pytest.mark.skipif(INTERPRETER or torch.cuda.is_available(), reason="needs a CPU-only, non-interpreted run")
+def test_triton_backend_without_kernels_raises():
+    first, last = make_tokens(1, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        patch_contrastive_loss(first, last, negatives="all", backend="triton")
+
+
+@pytest.mark.slow
+def test_torch_path_memory_is_linear():
+    """N = 16384, D = 64: a dense N x N fp32 matrix would be 1 GiB; the tiles stay far below that."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from fastpatchdiv.contrastive import patch_contrastive_loss
+        torch.manual_seed(0)
+        n, d = 16384, 64
+        first = torch.randn(1, n, d)
+        last = torch.randn(1, n, d, requires_grad=True)
+        # Warm up allocator and BLAS threads on a small problem so only the big call's growth counts.
+        patch_contrastive_loss(first[:, :256], last[:, :256], negatives="all", backend="torch").backward()
+        last.grad = None
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss = patch_contrastive_loss(first, last, negatives="all", temperature=0.2, normalize=True, backend="torch")
+        loss.backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert torch.isfinite(loss) and torch.isfinite(last.grad).all()
+        print((after - before) * 1024)
+        """
+    )
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 256 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB for N = 16384 (dense would be 1024 MiB)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels (negatives="all")
+# ----------------------------------------------------------------------------------------------------
+
+# (B, N, D, temperature, normalize, dtype, detach_first): every dtype with normalize on and off at a
+# shape that crosses 16-wide tile edges in N and D, then the edge sizes once each.
+KERNEL_CASES = [
+    pytest.param(2, 17, 33, 0.07, True, torch.float32, False, id="N17-D33-fp32-norm-t0.07"),
+    pytest.param(2, 17, 33, 1.0, False, torch.float32, True, id="N17-D33-fp32-raw-t1"),
+    pytest.param(2, 17, 33, 0.2, True, torch.bfloat16, False, id="N17-D33-bf16-norm-t0.2"),
+    pytest.param(2, 17, 33, 1.0, False, torch.bfloat16, True, id="N17-D33-bf16-raw-t1"),
+    pytest.param(2, 17, 33, 0.07, True, torch.float16, True, id="N17-D33-fp16-norm-t0.07"),
+    pytest.param(2, 17, 33, 0.2, False, torch.float16, False, id="N17-D33-fp16-raw-t0.2"),
+    pytest.param(3, 2, 3, 0.2, False, torch.float32, False, id="N2-D3-fp32"),
+    pytest.param(1, 2, 3, 1.0, True, torch.bfloat16, False, id="N2-D3-bf16"),
+    pytest.param(1, 130, 33, 0.2, True, torch.float32, True, id="N130-D33-fp32"),
+    pytest.param(1, 257, 3, 1.0, False, torch.float16, True, id="N257-D3-fp16"),
+    pytest.param(1, 33, 128, 0.07, True, torch.bfloat16, False, id="N33-D128-bf16"),
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("B, N, D, temperature, normalize, dtype, detach_first", KERNEL_CASES)
+def test_kernel_matches_reference(kernel_device, B, N, D, temperature, normalize, dtype, detach_first):
+    first, last = make_tokens(B, N, D, dtype, kernel_device, scale=D**-0.25)
+    check_against_reference(
+        first, last, backend="triton", detach_first=detach_first, temperature=temperature,
+        normalize=normalize, negatives="all", what="kernel all",
+    )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kernel_noncontiguous(kernel_device, dtype):
+    first = torch.randn(2, 18, 20, device=kernel_device).to(dtype)[:, 1:]
+    last = torch.randn(2, 20, 17, device=kernel_device).to(dtype).transpose(1, 2)
+    assert not first.is_contiguous() and not last.is_contiguous()
+    check_against_reference(
+        first, last, backend="triton", detach_first=False, temperature=0.2, negatives="all",
+        what="kernel non-contiguous",
+    )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_huge_logits(kernel_device, dtype):
+    first, last = huge_logit_tokens(dtype, kernel_device)
+    loss = check_against_reference(
+        first, last, backend="triton", detach_first=False, negatives="all", what="kernel ±500 logits",
+    )
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.kernel
+def test_kernel_deterministic(kernel_device):
+    first, last = make_tokens(2, 33, 20, torch.float32, kernel_device)
+    grads = [run_backward(first, last, negatives="all", backend="triton") for _ in range(2)]
+    for g0, g1 in zip(grads[0], grads[1]):
+        assert torch.equal(g0, g1)
+
+
+@pytest.mark.kernel
+def test_kernel_reduction_none_and_module(kernel_device):
+    first, last = make_tokens(3, 17, 16, torch.float32, kernel_device)
+    kw = dict(temperature=0.5, negatives="all", backend="triton")
+    per_image = patch_contrastive_loss(first, last, reduction="none", **kw)
+    torch.testing.assert_close(PatchContrastiveLoss(reduction="mean", **kw)(first, last), per_image.mean())
+    torch.testing.assert_close(patch_contrastive_loss(first, last, reduction="sum", **kw), per_image.sum())
+    weights = torch.tensor([1.0, -2.0, 0.0], device=kernel_device)
+    z = last.clone().requires_grad_()
+    patch_contrastive_loss(first, z, reduction="none", **kw).backward(weights)
+    z64 = last.detach().cpu().double().requires_grad_()
+    (contrastive_loss_reference(first.cpu().double(), z64, temperature=0.5, negatives="all") * weights.cpu().double()).sum().backward()
+    assert_close(z.grad, z64.grad, torch.float32, "kernel weighted reduction='none'")
+    assert z.grad[2].abs().max() == 0  # a zero grad_output entry gives that image exactly zero gradient
+
+
+@pytest.mark.kernel
+def test_kernel_matches_torch_path(kernel_device):
+    first, last = make_tokens(2, 40, 24, torch.float32, kernel_device)
+    for normalize in (False, True):
+        got = patch_contrastive_loss(first, last, negatives="all", normalize=normalize, reduction="none", backend="triton")
+        want = patch_contrastive_loss(first.cpu(), last.cpu(), negatives="all", normalize=normalize, reduction="none", backend="torch")
+        assert_close(got, want, torch.float32, "kernel vs torch path")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs (no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _kernel_signature(fn, dtype, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("lse2_ptr", "loss_ptr", "coef_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{_TRITON_TYPES[dtype]}"
+        elif name == "scale_log2":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+@pytest.mark.skipif(INTERPRETER, reason="ahead-of-time compilation needs the real @triton.jit, not the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sm", [80, 90])
+def test_contrastive_kernels_compile(sm, dtype):
+    from fastpatchdiv.kernels import contrastive as K
+    from fastpatchdiv.kernels._utils import dot_precision
+
+    kernels = [
+        (K._contrastive_all_fwd_kernel, K.FWD_DEFAULTS),
+        (K._contrastive_all_bwd_dz_kernel, K.BWD_DEFAULTS),
+        (K._contrastive_all_bwd_da_kernel, K.BWD_DEFAULTS),
+    ]
+    for fn, defaults in kernels:
+        constexprs = {k: v for k, v in defaults.items() if k.startswith("BLOCK_")}
+        constexprs.update(UPCAST=False, PRECISION=dot_precision(dtype))
+        compiled = compile_for_cuda(fn, _kernel_signature(fn, dtype, constexprs), constexprs, sm,
+                                    num_warps=defaults["num_warps"], num_stages=defaults["num_stages"])
+        assert compiled.asm["cubin"], f"{fn.__name__}: empty cubin for sm{sm} {dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared input builders
+# ----------------------------------------------------------------------------------------------------
+
+
+def huge_logit_tokens(dtype, device="cpu", n=18, d=32):
+    """Logits a_i·z_j of ±500 (τ = 1), on and off the diagonal.
+
+    Tokens come in pairs sharing one direction u with |u|² = 500: a_2k = a_2k+1 = u, z_2k = u, z_2k+1 = −u.
+    So S_2k,2k = +500, S_2k+1,2k+1 = −500 (the positive loses by 1000), S_2k,2k+1 = −500, S_2k+1,2k = +500.
+    """
+    u = torch.randn(2, n // 2, d, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True) * 500**0.5
+    a = u.repeat_interleave(2, dim=1)
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(n // 2)[None, :, None]
+    z = sign * a
+    return a.to(device=device, dtype=dtype), z.to(device=device, dtype=dtype)
+
+
+def run_backward(first, last, **kw):
+    f = first.detach().clone().requires_grad_()
+    z = last.detach().clone().requires_grad_()
+    patch_contrastive_loss(f, z, detach_first=False, temperature=0.2, **kw).backward()
+    return f.grad, z.grad
