@@ -7,8 +7,9 @@ from torch import nn
 
 from fastpatchdiv._common import EPS, check_reduction, check_tokens, per_image_grad, pick_backend, reduce_images
 
-# The kernel backward keeps a BLOCK_M x next_pow2(D) fp32 accumulator per program; past this it would spill.
-MAX_KERNEL_D = 2048
+# The kernel backward keeps a BLOCK_M x next_pow2(D) fp32 accumulator per program: at D > 1024 it spills
+# and an fp32 tile outgrows an H100's shared memory, so wider tokens take the PyTorch path (cuBLAS tiles).
+MAX_KERNEL_D = 1024
 # Elements of one S tile on the PyTorch path (B images at once): 16 MiB of fp32.
 _TILE_ELEMENTS = 1 << 22
 
@@ -122,7 +123,7 @@ def patch_cosine_loss(x: torch.Tensor, *, reduction: str = "mean", backend: str 
         reduction: "mean" (over images, default), "sum", or "none" for a (B,) tensor.
         backend: "auto" (default), "triton" or "torch". Auto runs the fused Triton kernels on CUDA
             tensors and on CPU tensors when TRITON_INTERPRET=1, and the blockwise PyTorch path otherwise
-            (also for float64, and for D > 2048 where the kernel's backward would spill).
+            (also for float64, and for D > 1024 where the kernel's backward would spill).
 
     Returns:
         The loss in float32 (float64 for float64 input): a scalar, or (B,) with reduction="none".

@@ -209,23 +209,27 @@ def _contrastive_all_bwd_da_kernel(
 # Default GPU launch parameters (also what the ahead-of-time compile test builds). 64 x 64 score tiles
 # with 64-wide feature chunks: fp32 tiles are 16 KiB each, so two or three pipeline stages fit in the
 # shared memory of sm80 and sm90 alike.
-FWD_DEFAULTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-BWD_DEFAULTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DV=128, num_warps=8, num_stages=2)
+FWD_DEFAULTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+BWD_DEFAULTS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DV=128, num_warps=8, num_stages=2)
 # Under the interpreter every program instance costs milliseconds: the smallest legal tiles.
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DV=16)
 
 
 def _fwd_configs():
     out = []
-    for bm, bn, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)):
-        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64), num_warps=w, num_stages=st))
+    # The first is FWD_DEFAULTS (spill-free in fp32 on sm_80/sm_90); the 64-deep ones suit 16-bit inputs.
+    for bm, bn, bk, w, st in ((64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 2)):
+        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st))
     return out
 
 
 def _bwd_configs():
     out = []
-    for bm, bn, bdv, w, st in ((64, 64, 128, 8, 2), (64, 64, 64, 4, 3), (32, 64, 256, 8, 2), (64, 128, 128, 8, 2)):
-        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_DV=bdv), num_warps=w, num_stages=st))
+    # The first is BWD_DEFAULTS (spill-free in fp32 on sm_80/sm_90).
+    configs = ((64, 64, 32, 128, 8, 2), (64, 64, 64, 128, 8, 2), (64, 64, 64, 64, 4, 3), (32, 64, 64, 256, 8, 2),
+               (64, 128, 64, 128, 8, 2))
+    for bm, bn, bk, bdv, w, st in configs:
+        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DV=bdv), num_warps=w, num_stages=st))
     return out
 
 

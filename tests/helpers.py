@@ -66,3 +66,24 @@ def compile_for_cuda(fn, signature: dict, constexprs: dict, arch: int, num_warps
         if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
             pytest.skip(f"triton {triton.__version__} cannot compile for sm_{arch} here: {exc}")
         raise
+
+
+def ptxas_spill_bytes(compiled, arch: int):
+    """Spill stores ptxas reports for a compiled kernel's PTX, or None where triton's ptxas is not found."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # older triton: no knobs API
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", f.name,
+                              "-o", "/dev/null"], capture_output=True, text=True)
+    found = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(found.group(1)) if found else None

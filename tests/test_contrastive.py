@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from tests.helpers import assert_close, compile_for_cuda
+from tests.helpers import assert_close, compile_for_cuda, ptxas_spill_bytes
 
 from fastpatchdiv import contrastive as C
 from fastpatchdiv.contrastive import PatchContrastiveLoss, patch_contrastive_loss
@@ -398,6 +398,9 @@ def test_contrastive_kernels_compile(sm, dtype):
         compiled = compile_for_cuda(fn, _kernel_signature(fn, dtype, constexprs), constexprs, sm,
                                     num_warps=defaults["num_warps"], num_stages=defaults["num_stages"])
         assert compiled.asm["cubin"], f"{fn.__name__}: empty cubin for sm{sm} {dtype}"
+        if sm == 90:  # the GPUs this project is lent; fp32 dZ at these tiles spills a little on sm_80
+            spills = ptxas_spill_bytes(compiled, sm)
+            assert spills in (0, None), f"{fn.__name__}: {spills} bytes of register spills at {defaults}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fastpatchdiv import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
 from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.kernels.cosine import _triangle_row
 from fastpatchdiv.reference import cosine_loss_reference
-from tests.helpers import KERNEL_DTYPES, assert_close, compile_for_cuda
+from tests.helpers import KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
 
 # N = 2, ragged N and D, D < 16, D not a multiple of the normalise chunk, N past several 16-tiles.
 KERNEL_SHAPES = [(2, 2, 5), (2, 37, 33), (1, 130, 20), (3, 17, 16), (1, 50, 70)]
@@ -274,6 +274,14 @@ def test_bad_input_raises(x, kwargs, error, match):
             PatchCosineLoss(**kwargs)(x)
 
 
+@pytest.mark.kernel
+def test_wide_tokens_route_to_torch_path(kernel_device):
+    x = make_tokens((1, 5, 1025), torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="D <= 1024"):
+        patch_cosine_loss(x, backend="triton")
+    check_against_reference(x, "auto")
+
+
 def test_float64_routes_to_torch_path():
     x = torch.randn(2, 9, 5, dtype=torch.float64)
     assert fastpatchdiv._common.pick_backend(x, "auto") == "torch"
@@ -332,7 +340,7 @@ def test_kernel_memory_is_not_n_squared(dtype):
 # ------------------------------------------------------------------------------- ahead-of-time compile
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("d", [64, 384, 768])
+@pytest.mark.parametrize("d", [64, 200, 384, 1024])
 def test_kernels_compile_for_cuda(arch, dtype, d):
     """Compiled Triton rejects what the interpreter accepts (tl.dot shapes, dtype rules): build PTX and
     cubin for every kernel at the block sizes the launchers pick on a GPU."""
@@ -360,5 +368,7 @@ def test_kernels_compile_for_cuda(arch, dtype, d):
     for name, (fn, sig, consts) in builds.items():
         compiled = compile_for_cuda(fn, sig, consts, arch, num_warps=blk.num_warps, num_stages=blk.num_stages)
         assert compiled.asm.get("ptx") and compiled.asm.get("cubin"), f"{name}: no PTX/cubin"
-        if name == "backward" and arch == 90 and dtype != torch.float32:
+        if name != "normalize" and dtype != torch.float32:
             assert "mma" in compiled.asm["ptx"], f"{name}: no tensor-core instructions in the PTX"
+        spills = ptxas_spill_bytes(compiled, arch)
+        assert spills in (0, None), f"{name}: {spills} bytes of register spills at {blk}"
