@@ -26,105 +26,86 @@ from fastpatchdiv._common import EPS, check_reduction, check_tokens, pick_backen
 
 NEGATIVES = ("mean", "window", "all")
 
-# The blockwise PyTorch path of negatives="all" keeps each (B, t, t) score tile under this many
-# elements (16 MiB in fp32); t is a power of two >= 16. Tests shrink it to exercise the tiling.
+# The PyTorch path of negatives="all" works on row strips S_I = A_I Zᵀ/τ of B x t x N scores, t chosen so
+# a strip stays under this many elements (16 MiB in fp32; t shrinks as N grows, never N x N). Tests
+# shrink it to exercise the strips.
 _TORCH_TILE_ELEMS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------------
-# negatives="all": the autograd Function around the kernels and the blockwise PyTorch path
+# negatives="all": the autograd Function around the kernels and the PyTorch strip path
 # ----------------------------------------------------------------------------------------------------
 
 
-def _torch_tile(batch: int, n: int) -> int:
-    t = 16
-    while t < n and batch * (2 * t) ** 2 <= _TORCH_TILE_ELEMS:
-        t *= 2
-    return t
+def _torch_all(a: torch.Tensor, z: torch.Tensor, temperature: float, need_a: bool, need_z: bool):
+    """Row loss ℓ (B, N) and, where asked, the gradients for a unit per-image factor coef = 1.
 
-
-def _torch_all_forward(a: torch.Tensor, z: torch.Tensor, temperature: float):
-    """Blockwise online log-sum-exp; returns (lse, row_loss), both (B, N) in the compute dtype of a."""
+    A strip holds whole rows, so its log-sum-exp is exact at once and P − I is ready in the same pass:
+    dA_I = (P − I) Z and dZ += (P − I)ᵀ A_I. Forward and backward together cost what autograd of the
+    naive formula costs (N²·D, plus N²·D for each gradient), with O(t·N) scratch instead of N x N.
+    Strips are visited in order, so the result is deterministic.
+    """
     B, N, _ = a.shape
-    t = _torch_tile(B, N)
-    lse = torch.empty((B, N), dtype=a.dtype, device=a.device)
-    pos = torch.empty((B, N), dtype=a.dtype, device=a.device)
-    inv_tau = 1.0 / temperature
-    for i0 in range(0, N, t):
-        ai = a[:, i0 : i0 + t]
-        m = torch.full(ai.shape[:2], -math.inf, dtype=a.dtype, device=a.device)
-        acc = torch.zeros_like(m)
-        for j0 in range(0, N, t):
-            s = torch.bmm(ai, z[:, j0 : j0 + t].transpose(1, 2)).mul_(inv_tau)
-            if j0 == i0:  # square aligned tiles: the diagonal tile holds the positives
-                pos[:, i0 : i0 + t] = s.diagonal(dim1=1, dim2=2)
-            m_new = torch.maximum(m, s.amax(dim=2))
-            acc = acc * torch.exp(m - m_new) + torch.exp(s.sub_(m_new[:, :, None])).sum(dim=2)
-            m = m_new
-        lse[:, i0 : i0 + t] = m + torch.log(acc)
-    return lse, lse - pos
-
-
-def _torch_all_backward(a, z, lse, coef, temperature, need_a, need_z):
-    """Recompute P tile by tile: dA = coef (P − I) Z, dZ = coef (P − I)ᵀ A, accumulated in a fixed order."""
-    B, N, _ = a.shape
-    t = _torch_tile(B, N)
-    da = torch.zeros_like(a) if need_a else None
+    t = max(1, min(N, _TORCH_TILE_ELEMS // (B * N)))
+    row_loss = torch.empty((B, N), dtype=a.dtype, device=a.device)
+    da = torch.empty_like(a) if need_a else None
     dz = torch.zeros_like(z) if need_z else None
-    inv_tau = 1.0 / temperature
-    coef = coef.to(a.dtype)[:, None, None]
     for i0 in range(0, N, t):
-        ai = a[:, i0 : i0 + t]
-        lse_i = lse[:, i0 : i0 + t, None]
-        for j0 in range(0, N, t):
-            zj = z[:, j0 : j0 + t]
-            p = torch.bmm(ai, zj.transpose(1, 2)).mul_(inv_tau).sub_(lse_i).exp_()
-            if j0 == i0:
-                p.diagonal(dim1=1, dim2=2).sub_(1.0)
-            p.mul_(coef)
+        i1 = min(i0 + t, N)
+        ai = a[:, i0:i1]
+        s = torch.bmm(ai, z.transpose(1, 2)).mul_(1.0 / temperature)  # (B, t, N)
+        lse = torch.logsumexp(s, dim=2)
+        row_loss[:, i0:i1] = lse - s.diagonal(offset=i0, dim1=1, dim2=2)
+        if need_a or need_z:
+            p = s.sub_(lse.unsqueeze(-1)).exp_()
+            p.diagonal(offset=i0, dim1=1, dim2=2).sub_(1.0)
             if need_a:
-                da[:, i0 : i0 + t].baddbmm_(p, zj)
+                da[:, i0:i1] = torch.bmm(p, z)
             if need_z:
-                dz[:, j0 : j0 + t].baddbmm_(p.transpose(1, 2), ai)
-    return da, dz
+                dz.baddbmm_(p.transpose(1, 2), ai)
+    return row_loss, da, dz
 
 
 class _AllNegatives(torch.autograd.Function):
-    """(A, Z) of shape (B, N, D) -> per-image loss (B,), saving only the row log-sum-exp."""
+    """(A, Z) of shape (B, N, D) -> per-image loss (B,).
+
+    Kernel path: saves only the row log-sum-exp and recomputes P tile by tile in the backward. PyTorch
+    path: when a backward can follow (``grad_enabled``, the caller's grad mode), the forward's strips
+    also form the gradients for a unit scale, and the backward only scales them.
+    """
 
     @staticmethod
-    def forward(ctx, a, z, temperature, backend):
+    def forward(ctx, a, z, temperature, backend, grad_enabled=True):
+        ctx.temperature, ctx.backend = temperature, backend
         if backend == "triton":
             from fastpatchdiv.kernels.contrastive import contrastive_all_forward
 
             lse, row_loss = contrastive_all_forward(a, z, temperature)
+            ctx.save_for_backward(a, z, lse)
         else:
-            work = torch.float64 if a.dtype == torch.float64 else torch.float32
-            lse, row_loss = _torch_all_forward(a.to(work), z.to(work), temperature)
-        ctx.save_for_backward(a, z, lse)
-        ctx.temperature = temperature
-        ctx.backend = backend
+            need_a, need_z = (grad_enabled and n for n in ctx.needs_input_grad[:2])
+            row_loss, da, dz = _torch_all(a, z, temperature, need_a, need_z)
+            ctx.save_for_backward(da, dz)
         return row_loss.mean(dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        a, z, lse = ctx.saved_tensors
         need_a, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_a or need_z):
-            return None, None, None, None
-        B, N, _ = a.shape
+            return None, None, None, None, None
         # d(mean_i ℓ_i)/dS = (P − I)/N, and dS/dA, dS/dZ carry 1/τ: fold it all into one factor per image.
-        coef = grad.reshape(B) / (N * ctx.temperature)
         if ctx.backend == "triton":
             from fastpatchdiv.kernels.contrastive import contrastive_all_backward
 
-            da, dz = contrastive_all_backward(a, z, lse, coef.float(), ctx.temperature, need_a, need_z)
-        else:
-            work = torch.float64 if a.dtype == torch.float64 else torch.float32
-            da, dz = _torch_all_backward(a.to(work), z.to(work), lse, coef, ctx.temperature, need_a, need_z)
-            da = da.to(a.dtype) if da is not None else None
-            dz = dz.to(z.dtype) if dz is not None else None
-        return da, dz, None, None
+            a, z, lse = ctx.saved_tensors
+            coef = grad.reshape(-1).float() / (a.shape[1] * ctx.temperature)
+            return (*contrastive_all_backward(a, z, lse, coef, ctx.temperature, need_a, need_z), None, None, None)
+        da, dz = ctx.saved_tensors
+        ref = da if da is not None else dz
+        coef = (grad.reshape(-1) / (ref.shape[1] * ctx.temperature)).to(ref.dtype)[:, None, None]
+        da = da * coef if need_a else None
+        dz = dz * coef if need_z else None
+        return da, dz, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,13 +251,13 @@ def patch_contrastive_loss(
             # Normalise in fp32, then hand the kernel tokens in the input dtype (its MMA dtype).
             a = _normalize(a.to(work)).to(a.dtype)
             z = _normalize(z.to(work)).to(z.dtype)
-        per_image = _AllNegatives.apply(a, z, tau, backend)
+        per_image = _AllNegatives.apply(a, z, tau, backend, torch.is_grad_enabled())
     else:
         a, z = a.to(work), z.to(work)
         if normalize:
             a, z = _normalize(a), _normalize(z)
         if negatives == "all":
-            per_image = _AllNegatives.apply(a, z, tau, "torch")
+            per_image = _AllNegatives.apply(a, z, tau, "torch", torch.is_grad_enabled())
         else:
             per_image = _mean_window_loss(a, z, tau, negatives, grid, window)
     return reduce_images(per_image, reduction)
