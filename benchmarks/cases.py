@@ -286,10 +286,10 @@ class Sweep:
     cuda_rep_ms: int = 100
     # CPU only: skip a case whose single call is estimated slower than this ...
     time_cap_s: float | None = None
-    # ... except full-mode (forward + backward) cases at N >= long_min_n, the high-resolution rows the
-    # sweep exists for, which get this cap instead.
+    # ... except full-mode (forward + backward) cases at N >= long_min_n, the rows the sweep exists for
+    # (the headline ratios at N = 4096 and the high-resolution rows), which get this cap instead.
     long_cap_s: float | None = None
-    long_min_n: int = 16384
+    long_min_n: int = 4096
     # ... or whose naive N x N footprint is estimated above this.
     mem_cap_gib: float = 8.0
     measure_memory: bool = True
