@@ -6,12 +6,8 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 from fastpatchdiv.kernels import INTERPRETER
-
-TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: fp32 follows ``torch.get_float32_matmul_precision()``.

@@ -116,7 +116,6 @@ def test_torch_path_any_shape(b, n, d):
 
 
 def test_dispatch_without_interpreter_uses_torch_path():
-    x = torch.randn(2, 10, 8)
     if torch.cuda.is_available() or INTERPRETER:
         pytest.skip("only meaningful on a CPU-only pass")
     # The acceptance example of the issue, exact to 1e-4 relative.
