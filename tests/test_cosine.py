@@ -128,23 +128,21 @@ def test_dispatch_without_interpreter_uses_torch_path():
 
 
 # ------------------------------------------------------------------------------ both paths, each option
-def backends_here():
-    out = ["torch"]
-    if torch.cuda.is_available() or INTERPRETER:
-        out.append("triton")
-    return out
+# Where the tests of both paths put their tensors: the GPU when there is one, else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_for(backend):
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Both paths; the Triton one only where its kernels can run in this pass."""
+    if request.param == "triton" and not (torch.cuda.is_available() or INTERPRETER):
+        pytest.skip("no kernel device in this pass")
+    return request.param
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_dim_input(backend):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
-    x = make_tokens((29, 18), torch.float32, device_for(backend)).requires_grad_()
+    x = make_tokens((29, 18), torch.float32, DEVICE).requires_grad_()
     loss = patch_cosine_loss(x, backend=backend)
     loss.backward()
     ref_loss, ref_grad = reference_loss_and_grad(x.unsqueeze(0), torch.ones(1))
@@ -154,12 +152,9 @@ def test_two_dim_input(backend):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("view", ["drop_cls", "transposed", "strided_d"])
 def test_non_contiguous_inputs(backend, view):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
-    dev = device_for(backend)
+    dev = DEVICE
     if view == "drop_cls":
         x = make_tokens((2, 34, 24), torch.float32, dev)[:, 1:]
     elif view == "transposed":
@@ -171,14 +166,11 @@ def test_non_contiguous_inputs(backend, view):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_vectors(backend):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
     x = make_tokens((2, 21, 19), torch.float32)
     x[0, 3] = 0.0
     x[1, [0, 20]] = 0.0
-    x = x.to(device_for(backend)).requires_grad_()
+    x = x.to(DEVICE).requires_grad_()
     loss = patch_cosine_loss(x, reduction="sum", backend=backend)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
@@ -187,13 +179,10 @@ def test_zero_vectors(backend):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_stays_in_its_image(backend):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
     x = make_tokens((3, 20, 17), torch.float32)
     x[1, 5, 2] = float("nan")
-    x = x.to(device_for(backend)).requires_grad_()
+    x = x.to(DEVICE).requires_grad_()
     loss = patch_cosine_loss(x, reduction="none", backend=backend)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
     loss[[0, 2]].sum().backward()
@@ -204,11 +193,8 @@ def test_nan_stays_in_its_image(backend):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_backward_is_deterministic(backend):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
-    x = make_tokens((2, 70, 40), torch.float32, device_for(backend)).requires_grad_()
+    x = make_tokens((2, 70, 40), torch.float32, DEVICE).requires_grad_()
     grads, losses = [], []
     for _ in range(2):
         x.grad = None
@@ -221,12 +207,9 @@ def test_backward_is_deterministic(backend):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_module_and_function(backend, reduction):
-    if backend not in backends_here():
-        pytest.skip("no kernel device in this pass")
-    x = make_tokens((3, 19, 12), torch.float32, device_for(backend))
+    x = make_tokens((3, 19, 12), torch.float32, DEVICE)
     ref_loss, _ = reference_loss_and_grad(x, torch.ones(3))
     expected = {"mean": ref_loss.mean(), "sum": ref_loss.sum(), "none": ref_loss}[reduction]
     grad_out = torch.rand(3, device=x.device) if reduction == "none" else torch.tensor(1.7, device=x.device)
