@@ -360,23 +360,26 @@ def naive_footprint(case: Case) -> float:
 def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
     """("skipped", reason) when a CPU case's single call is estimated above ``sweep.time_cap_s``.
 
-    The estimate scales the last measured median of the same op, provider, mode and dtype (``remember``;
-    another N or D) by the ratio of ``work``. The first case of each has no estimate and always runs.
+    The estimate scales the measured median of the same op, provider, mode and dtype at the nearest
+    ``work`` (``remember``; another N or D) by the ratio of ``work``: the nearest, because the O(N·D)
+    ops are not exactly linear, and an estimate carried from N = 65536 down to N = 196 would be off.
+    The first case of each has no estimate and always runs.
     """
-    cap, prev = sweep.time_cap_s, history.get(case.cost_key)
+    cap, seen = sweep.time_cap_s, history.get(case.cost_key)
     if sweep.long_cap_s is not None and case.mode == "full" and case.N >= sweep.long_min_n:
         cap = sweep.long_cap_s
-    if cap is None or prev is None:
+    if cap is None or not seen:
         return None
-    (n_prev, d_prev), work_prev, seconds = prev
-    estimate = seconds * work(case) / work_prev
+    w = work(case)
+    (n_prev, d_prev), work_prev, seconds = min(seen, key=lambda s: abs(math.log(s[1] / w)))
+    estimate = seconds * w / work_prev
     if estimate <= cap:
         return None
     return "skipped", f"skipped: estimated {estimate:.1f} s per call > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
 
 
 def remember(history: dict, case: Case, seconds: float) -> None:
-    history[case.cost_key] = ((case.N, case.D), work(case), seconds)
+    history.setdefault(case.cost_key, []).append(((case.N, case.D), work(case), seconds))
 
 
 def work(case: Case) -> float:

@@ -3,14 +3,18 @@
 CUDA: ``torch.cuda.max_memory_allocated`` in the benchmarking process. CPU: tracemalloc does not see
 torch's allocator, so each case runs in a fresh child process and we read its peak RSS
 (``getrusage().ru_maxrss``). Children are forked from a forkserver that has imported torch but run
-nothing, so a child costs milliseconds instead of a torch import. In the child the step runs once to
-warm up (lazy initialisation, torch.compile's compilation), then the RSS high-water mark is reset
-(``/proc/self/clear_refs``) and the step runs again. glibc gets a fixed mmap threshold so that buffers
+nothing, so a child costs milliseconds instead of a torch import. In the child a warm-up step runs
+first (lazy initialisation; torch.compile's compilation), then the RSS high-water mark is reset
+(``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small
+instance of the same case (``warmup_case``): their one-time work does not depend on the shape, and a
+same-shape warm-up would double the cost of the long cases (a minute each at N = 65536 on CPU).
+torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a fixed mmap threshold so that buffers
 freed by the warm-up go back to the OS rather than being reused unseen by the measured run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import multiprocessing
 import multiprocessing.forkserver
@@ -98,17 +102,31 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# The eager providers' warm-up shape: one image of 64 patches (a square, as negatives="window" needs).
+WARMUP_N = 64
+
+
+def warmup_case(case: Case) -> Case:
+    """The case whose step warms up a memory child: ``case`` itself for torch.compile, else a small copy."""
+    if case.provider == "torch.compile":
+        return case
+    return dataclasses.replace(case, B=1, N=min(case.N, WARMUP_N))
+
+
 def _child(case: Case, conn) -> None:
     quiet()
     try:
         compile_in_process()
-        w = workload(case, loss_fn(case.op, case.provider), n_sets=1)
+        fn = loss_fn(case.op, case.provider)
+        resettable = _reset_peak_rss()  # else a warm-up would set the high-water mark: measure the first step
+        if resettable:
+            warm = workload(warmup_case(case), fn, n_sets=1)
+            warm.step()  # lazy initialisation, torch.compile's compilation
+            del warm
+        w = workload(case, fn, n_sets=1)
         gc.collect()
         note = ""
-        if _reset_peak_rss():  # else a warm-up would set the high-water mark: measure the first step
-            w.step()  # warm-up: lazy initialisation, torch.compile's compilation
-            w.clear()
-            gc.collect()
+        if resettable:
             _reset_peak_rss()
         else:
             note = "first step measured (no /proc/self/clear_refs): includes one-time allocations"

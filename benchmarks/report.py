@@ -22,7 +22,8 @@ def write_all(records: list[dict], out: Path, config: dict) -> list[Path]:
     (out / "results.json").write_text(json.dumps({"config": config, "records": records}, indent=1) + "\n")
     pngs = plots(records, out)
     (out / "results.md").write_text(markdown(records, config, [p.name for p in pngs]))
-    return [out / "results.json", out / "results.md", *pngs]
+    (out / "summary.md").write_text("\n".join(summary(records)))
+    return [out / "results.json", out / "results.md", out / "summary.md", *pngs]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,8 +166,64 @@ def _table(idx, op, mode, dtype, d, providers, ns) -> list[str]:
     return lines + [""]
 
 
+SUMMARY_NS = (196, 1024, 4096, 16384, 65536)
+
+
+def summary(records: list[dict]) -> list[str]:
+    """The table a reader looks at first: forward + backward at the smallest D, one row per op and N of
+    SUMMARY_NS, every provider's time, fastpatchdiv's speed-up, peak memory and fraction of peak.
+    README.md embeds it verbatim (tests/test_readme.py checks that it matches the committed file)."""
+    recs = [r for r in _case_records(records) if r["mode"] == "full"]
+    if not recs:
+        return []
+    idx = _index(records)
+    providers = _ordered([r["provider"] for r in recs], list(PROVIDERS))
+    vs = [p for p in BASELINES if p in providers]
+    d = min(r["D"] for r in recs)
+    env = recs[0]
+    lines = []
+    for dtype in _ordered([r["dtype"] for r in recs], ["bf16", "fp32", "fp16"]):
+        get = lambda op, p, m, n: idx.get((op, "full", dtype, d, p, m, n))  # noqa: E731
+        lines += [
+            f"Forward + backward, {dtype}, D = {d}, on {env['device_name']} (torch {env['torch_version']}, "
+            f"triton {env['triton_version']}, {env['date'][:10]}). Time in ms (median); speed-up = baseline time / "
+            "fastpatchdiv time; memory = peak above the inputs.",
+            "",
+            "| op | N | B | " + " | ".join(f"{p} ms" for p in providers)
+            + "".join(f" | speed-up vs {p}" for p in vs)
+            + " | peak MiB " + " / ".join(providers) + " | fastpatchdiv % of peak |",
+            "|" + "---|" * (5 + len(providers) + len(vs)),
+        ]
+        notes = defaultdict(list)
+        for op in _ordered([r["op"] for r in recs], list(OPS)):
+            for n in SUMMARY_NS:
+                if not get(op, "fastpatchdiv", "time", n):
+                    continue
+                times = [get(op, p, "time", n) for p in providers]
+                for p, t in zip(providers, times):
+                    if t and t["status"] != "ok":
+                        notes[(p, t["note"])].append(f"{op} N={n}")
+                roof = get(op, "fastpatchdiv", "roofline", n)
+                cells = [op, str(n), str(times[0]["B"])] + [_cell(t) for t in times]
+                cells += [_ratio(get(op, p, "time", n), get(op, "fastpatchdiv", "time", n)) for p in vs]
+                cells.append(" / ".join(_cell(get(op, p, "memory", n)) or "–" for p in providers))
+                cells.append(f"{_fmt(100 * roof['median'])}%" if roof and roof["status"] == "ok" else "")
+                lines.append("| " + " | ".join(cells) + " |")
+        lines += [""] + [f"\\* {p}, {', '.join(where)}: {note}  " for (p, note), where in notes.items()]
+        over = any((r := get(op, "fastpatchdiv", "roofline", n)) and r["status"] == "ok" and r["median"] > 1
+                   for op in OPS for n in SUMMARY_NS)
+        if over:
+            lines.append("Above 100% of peak: fastpatchdiv did less work than the count it is charged (the "
+                         "backward's recomputation is counted, and a path that forms the gradient during the "
+                         "forward skips it).  ")
+        lines += [""]
+    return lines
+
+
 def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
     lines = _header(records, config)
+    if table := summary(records):
+        lines += ["## Summary", ""] + table
     idx = _index(records)
     recs = _case_records(records)
     providers = _ordered([r["provider"] for r in recs], list(PROVIDERS))

@@ -14,7 +14,7 @@ from benchmarks.cases import DTYPES, Sweep, Workload
 
 QUANTILES = (0.5, 0.2, 0.8)
 # CPU: after a discarded call longer than this, one timed call is enough.
-LONG_CALL_S = 10.0
+LONG_CALL_S = 5.0
 
 
 def percentiles(samples_ms: list[float]) -> tuple[float, float, float]:

@@ -117,24 +117,27 @@ class _AllNegatives(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _window_negatives(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
-    """w_i = (box_k(Z)_i − z_i)/(k² − 1) on the (H, W) grid, zero padded; (B, N, D) -> (B, N, D)."""
+def _box_sum(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Σ of z over the k x k window around each patch of the (H, W) grid, zero padded; (B, N, D) -> (B, N, D)."""
     B, N, D = z.shape
-    h, w = grid
-    img = z.transpose(1, 2).reshape(B, D, h, w)
+    # An NCHW view with channels-last strides: no copy, and the pooling vectorises over D (3x faster
+    # than a transposed copy at a 256 x 256 grid on CPU).
+    img = z.reshape(B, *grid, D).permute(0, 3, 1, 2)
     # count_include_pad=True divides by k² everywhere, so avg * k² is the zero-padded box sum.
     box = F.avg_pool2d(img, window, stride=1, padding=window // 2, count_include_pad=True) * (window * window)
-    box = box.reshape(B, D, N).transpose(1, 2)
-    return (box - z) / (window * window - 1)
+    return box.permute(0, 2, 3, 1).reshape(B, N, D)
 
 
 def _mean_window_loss(a, z, temperature, negatives, grid, window):
-    B, N, _ = a.shape
-    pos = (a * z).sum(dim=-1) / temperature
-    others = (z.sum(dim=1, keepdim=True) - z) / (N - 1)
-    terms = [torch.zeros_like(pos), (a * others).sum(dim=-1) / temperature - pos]
+    N = a.shape[1]
+    az = torch.linalg.vecdot(a, z)  # a_i·z_i, (B, N)
+    # a_i·mean_{j≠i} z_j = (a_i·Σ_j z_j − a_i·z_i)/(N − 1): a matrix-vector product, no (B, N, D) temporary.
+    a_sum = torch.bmm(a, z.sum(dim=1).unsqueeze(-1)).squeeze(-1)
+    terms = [torch.zeros_like(az), ((a_sum - az) / (N - 1) - az) / temperature]
     if negatives == "window":
-        terms.append((a * _window_negatives(z, grid, window)).sum(dim=-1) / temperature - pos)
+        # w_i = (box_i − z_i)/(k² − 1): the window's other patches (the box includes z_i itself).
+        a_box = torch.linalg.vecdot(a, _box_sum(z, grid, window))
+        terms.append(((a_box - az) / (window * window - 1) - az) / temperature)
     # lse(pos, neg, ...) − pos = lse(0, neg − pos, ...): the differences are formed before exp.
     return torch.logsumexp(torch.stack(terms, dim=-1), dim=-1).mean(dim=-1)
 
