@@ -7,6 +7,7 @@ in ``OPS``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -312,7 +313,8 @@ def default_sweep(device: str, quick: bool = False) -> Sweep:
         )
     if device == "cuda":
         return Sweep(device=device, dtypes=("fp32", "bf16", "fp16"))
-    return Sweep(device=device, tokens=16384, d_max_n=((768, 1024),), cpu_budget_s=0.5, time_cap_s=1.0,
+    # CPU: D = 768 only at N = 196 (ViT-B/16 at 224 px); --d 768 lifts that.
+    return Sweep(device=device, tokens=16384, d_max_n=((768, 196),), cpu_budget_s=0.3, time_cap_s=1.0,
                  long_cap_s=90.0)
 
 
@@ -357,25 +359,32 @@ def naive_footprint(case: Case) -> float:
     return (_NAIVE_MATRICES[case.mode] * case.B + _NAIVE_UNBATCHED) * case.N**2 * itemsize
 
 
-def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
-    """("skipped", reason) when a CPU case's single call is estimated above ``sweep.time_cap_s``.
+def estimate_s(case: Case, history: dict) -> tuple[float, tuple[int, int]] | None:
+    """(seconds, (N, D) it was scaled from): a CPU case's single call, estimated before it runs.
 
-    The estimate scales the measured median of the same op, provider, mode and dtype at the nearest
-    ``work`` (``remember``; another N or D) by the ratio of ``work``: the nearest, because the O(N·D)
-    ops are not exactly linear, and an estimate carried from N = 65536 down to N = 196 would be off.
-    The first case of each has no estimate and always runs.
+    Scales the measured median of the same op, provider, mode and dtype at the nearest ``work``
+    (``remember``; another N or D) by the ratio of ``work``: the nearest, because the O(N·D) ops are
+    not exactly linear, and an estimate carried from N = 65536 down to N = 196 would be off. None for
+    the first case of each.
     """
-    cap, seen = sweep.time_cap_s, history.get(case.cost_key)
-    if sweep.long_cap_s is not None and case.mode == "full" and case.N >= sweep.long_min_n:
-        cap = sweep.long_cap_s
-    if cap is None or not seen:
+    seen = history.get(case.cost_key)
+    if not seen:
         return None
     w = work(case)
-    (n_prev, d_prev), work_prev, seconds = min(seen, key=lambda s: abs(math.log(s[1] / w)))
-    estimate = seconds * w / work_prev
-    if estimate <= cap:
+    shape, work_prev, seconds = min(seen, key=lambda s: abs(math.log(s[1] / w)))
+    return seconds * w / work_prev, shape
+
+
+def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
+    """("skipped", reason) when a CPU case's single call is estimated (``estimate_s``) above its cap."""
+    cap = sweep.time_cap_s
+    if sweep.long_cap_s is not None and case.mode == "full" and case.N >= sweep.long_min_n:
+        cap = sweep.long_cap_s
+    guess = estimate_s(case, history)
+    if cap is None or guess is None or guess[0] <= cap:
         return None
-    return "skipped", f"skipped: estimated {estimate:.1f} s per call > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
+    (seconds, (n_prev, d_prev)) = guess
+    return "skipped", f"skipped: estimated {seconds:.1f} s per call > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
 
 
 def remember(history: dict, case: Case, seconds: float) -> None:
@@ -424,6 +433,22 @@ def workload(case: Case, fn: Callable, n_sets: int = 1, seed: int = 0) -> Worklo
     if case.mode == "forward":
         return Workload(lambda: fn(*next(order)), grads)
     return Workload(lambda: fn(*next(order)).backward(), grads)
+
+
+# The eager providers' warm-up shape: one image of 64 patches (a square, as negatives="window" needs).
+WARMUP_N = 64
+
+
+def warmup_case(case: Case) -> Case:
+    """A small copy of an eager case, to warm up on where a same-shape warm-up would be too costly.
+
+    Eager code does its one-time work (thread pools, lazy initialisation, kernel selection) whatever the
+    shape, so a small copy warms it up as well. torch.compile compiles one graph per shape: it gets
+    the case itself.
+    """
+    if case.provider == "torch.compile":
+        return case
+    return dataclasses.replace(case, B=1, N=min(case.N, WARMUP_N))
 
 
 def n_input_sets(case: Case) -> int:

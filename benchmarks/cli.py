@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import memory, report
-from benchmarks.cases import DTYPES, MODES, OPS, PROVIDERS, Sweep, cases, compile_in_process, default_sweep, quiet
+from benchmarks import memory, report, timing
+from benchmarks.cases import (
+    DTYPES, MODES, OPS, PROVIDERS, WARMUP_N, Sweep, cases, compile_in_process, default_sweep, quiet,
+)
 from benchmarks.runner import Runner, device_slug, environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,9 +69,11 @@ def describe(sweep: Sweep) -> dict:
         how_measured = "torch.cuda.max_memory_allocated during one step minus memory_allocated before it"
     else:
         how_timed = (f"wall clock per call, first call discarded, then >= {sweep.cpu_min_reps} calls and until "
-                     f"{sweep.cpu_budget_s:g} s (<= {sweep.cpu_max_reps}), {torch.get_num_threads()} threads")
+                     f"{sweep.cpu_budget_s:g} s (<= {sweep.cpu_max_reps}), {torch.get_num_threads()} threads; a call over "
+                     f"{timing.LONG_CALL_S:g} s is timed once, and an eager one estimated over that warms up on a "
+                     f"small copy (B=1, N={WARMUP_N}) instead of a discarded call")
         how_measured = ("peak RSS growth (ru_maxrss) of one step in a fresh child process, after a warm-up step "
-                        "and a high-water-mark reset")
+                        f"(torch.compile: the same case; eager: a small copy, B=1, N={WARMUP_N}) and a high-water-mark reset")
     how_timed += ("; forward and full rotate among 3 input sets while one input tensor is <= 256 MiB; backward times "
                   "loss.backward(retain_graph=True) after an untimed forward")
     how_measured += " (the inputs, and for backward the saved graph, are not counted)"

@@ -5,8 +5,8 @@ torch's allocator, so each case runs in a fresh child process and we read its pe
 (``getrusage().ru_maxrss``). Children are forked from a forkserver that has imported torch but run
 nothing, so a child costs milliseconds instead of a torch import. In the child a warm-up step runs
 first (lazy initialisation; torch.compile's compilation), then the RSS high-water mark is reset
-(``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small
-instance of the same case (``warmup_case``): their one-time work does not depend on the shape, and a
+(``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small copy
+of the case (``cases.warmup_case``): their one-time work does not depend on the shape, and a
 same-shape warm-up would double the cost of the long cases (a minute each at N = 65536 on CPU).
 torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a fixed mmap threshold so that buffers
 freed by the warm-up go back to the OS rather than being reused unseen by the measured run.
@@ -14,7 +14,6 @@ freed by the warm-up go back to the OS rather than being reused unseen by the me
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import multiprocessing
 import multiprocessing.forkserver
@@ -25,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks.cases import Case, compile_in_process, loss_fn, quiet, workload
+from benchmarks.cases import Case, compile_in_process, loss_fn, quiet, warmup_case, workload
 
 # Allocations of 64 KiB and more are mmapped and unmapped on free, so the RSS follows live memory.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -100,17 +99,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-# The eager providers' warm-up shape: one image of 64 patches (a square, as negatives="window" needs).
-WARMUP_N = 64
-
-
-def warmup_case(case: Case) -> Case:
-    """The case whose step warms up a memory child: ``case`` itself for torch.compile, else a small copy."""
-    if case.provider == "torch.compile":
-        return case
-    return dataclasses.replace(case, B=1, N=min(case.N, WARMUP_N))
 
 
 def _child(case: Case, conn) -> None:

@@ -26,11 +26,13 @@ from benchmarks.cases import (
     LossFns,
     Sweep,
     Unavailable,
+    estimate_s,
     fastpatchdiv_backend,
     n_input_sets,
     precheck,
     remember,
     too_slow,
+    warmup_case,
     workload,
 )
 
@@ -161,13 +163,16 @@ class Runner:
         return records
 
     def _time(self, case: Case, fn):
-        w = None
+        w = warm = None
         try:
             w = workload(case, fn, n_input_sets(case))
-            stats, samples = timing.time_workload(w, self.sweep)
+            guess = estimate_s(case, self.history)
+            if case.device == "cpu" and guess and guess[0] > timing.LONG_CALL_S and warmup_case(case) != case:
+                warm = workload(warmup_case(case), fn)  # instead of a discarded same-shape call of a minute
+            stats, samples = timing.time_workload(w, self.sweep, warm)
             return "ok", "", stats, samples
         except Exception as e:
-            w = None  # noqa: F841  (drop the inputs before _failure frees memory)
+            w = warm = None  # noqa: F841  (drop the inputs before _failure frees memory)
             return self._failure(case, e) + (None, None)
 
     def _failure(self, case: Case, e: Exception) -> tuple[str, str]:

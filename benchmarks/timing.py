@@ -30,14 +30,15 @@ def time_cuda(w: Workload, warmup_ms: int, rep_ms: int) -> tuple[tuple, None]:
     return (med, p20, p80), None  # do_bench does not report its repeat count
 
 
-def time_cpu(w: Workload, budget_s: float, min_reps: int, max_reps: int) -> tuple[tuple, int]:
+def time_cpu(w: Workload, budget_s: float, min_reps: int, max_reps: int, warmup: Workload | None = None) -> tuple[tuple, int]:
     """The first run is discarded (compilation, first touch); then at least ``min_reps`` runs (one if the
     discarded run took over LONG_CALL_S) and until ``budget_s`` of timed runs, at most ``max_reps``.
-    Gradients are dropped before each run, untimed."""
+    ``warmup`` (a small copy of an eager case estimated over LONG_CALL_S) runs instead of the discarded
+    run, and one timed run follows. Gradients are dropped before each run, untimed."""
     w.clear()
     t0 = time.perf_counter()
-    w.step()
-    if time.perf_counter() - t0 > LONG_CALL_S:
+    (warmup or w).step()
+    if warmup is not None or time.perf_counter() - t0 > LONG_CALL_S:
         min_reps = 1  # a call this long is not skewed by warm-up; the record's sample count says so
     samples = []
     collecting = gc.isenabled()
@@ -54,11 +55,11 @@ def time_cpu(w: Workload, budget_s: float, min_reps: int, max_reps: int) -> tupl
     return percentiles(samples), len(samples)
 
 
-def time_workload(w: Workload, sweep: Sweep) -> tuple[tuple, int | None]:
+def time_workload(w: Workload, sweep: Sweep, warmup: Workload | None = None) -> tuple[tuple, int | None]:
     """(median, p20, p80) ms and the number of timed runs (None when the timer does not say)."""
     if sweep.device == "cuda":
         return time_cuda(w, sweep.cuda_warmup_ms, sweep.cuda_rep_ms)
-    return time_cpu(w, sweep.cpu_budget_s, sweep.cpu_min_reps, sweep.cpu_max_reps)
+    return time_cpu(w, sweep.cpu_budget_s, sweep.cpu_min_reps, sweep.cpu_max_reps, warmup)
 
 
 def matmul_rate(device: str, dtype: str, sweep: Sweep) -> tuple[int, tuple]:

@@ -59,6 +59,8 @@ def test_quick_run_writes_every_artefact(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert all(f"## {op} " in md for op in OPS), md[:2000]
     assert list(tmp_path.glob("*.png")), "no plots"
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"| {op} |" in summary for op in OPS) and summary in md, summary
 
 
 def _record(**kw) -> dict:
