@@ -376,15 +376,24 @@ def estimate_s(case: Case, history: dict) -> tuple[float, tuple[int, int]] | Non
 
 
 def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
-    """("skipped", reason) when a CPU case's single call is estimated (``estimate_s``) above its cap."""
+    """("skipped", reason) when a CPU case's single call is estimated (``estimate_s``) above its cap.
+
+    A backward call is charged the forward that must run (untimed) before it, here and in the memory
+    child: at N = 65536 that forward takes a minute on CPU while the backward only scales a gradient.
+    """
     cap = sweep.time_cap_s
     if sweep.long_cap_s is not None and case.mode == "full" and case.N >= sweep.long_min_n:
         cap = sweep.long_cap_s
-    guess = estimate_s(case, history)
-    if cap is None or guess is None or guess[0] <= cap:
+    guesses = [estimate_s(case, history)]
+    if case.mode == "backward":
+        guesses.append(estimate_s(dataclasses.replace(case, mode="forward"), history))
+    guesses = [g for g in guesses if g is not None]
+    seconds = sum(g[0] for g in guesses)
+    if cap is None or not guesses or seconds <= cap:
         return None
-    (seconds, (n_prev, d_prev)) = guess
-    return "skipped", f"skipped: estimated {seconds:.1f} s per call > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
+    n_prev, d_prev = guesses[0][1]
+    what = "per call with the forward it needs" if case.mode == "backward" else "per call"
+    return "skipped", f"skipped: estimated {seconds:.1f} s {what} > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
 
 
 def remember(history: dict, case: Case, seconds: float) -> None:

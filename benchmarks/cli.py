@@ -111,15 +111,19 @@ def main(argv=None) -> int:
     if sweep.device == "cpu" and sweep.measure_memory:
         memory.start_cpu_children()
     records = runner.measure_peaks()
+    seconds = []
     for case in (bar := tqdm(todo, unit="case", dynamic_ncols=True)):
         bar.set_postfix_str(case.label(), refresh=True)
+        t0 = time.perf_counter()
         records.extend(runner.run(case))
+        seconds.append((round(time.perf_counter() - t0, 1), case.label()))
     config = {
         "command": "python -m benchmarks " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
         "tokens": sweep.tokens,
         "sweep": dataclasses.asdict(sweep),
         "elapsed_s": round(time.perf_counter() - start, 1),
         "load_average_at_start": round(load, 2),
+        "slowest_cases_s": sorted(seconds, reverse=True)[:15],  # wall time per case, memory child included
         **describe(sweep),
     }
     paths = report.write_all(records, out, config)

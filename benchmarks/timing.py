@@ -5,6 +5,7 @@ Every timer returns (median, p20, p80) in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -67,6 +68,8 @@ def matmul_rate(device: str, dtype: str, sweep: Sweep) -> tuple[int, tuple]:
     n = 4096 if device == "cuda" else 2048
     gen = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen, device=device).to(DTYPES[dtype]) for _ in range(2))
+    # Every fraction of peak divides by this number: on CPU it gets 2 s of calls (>= 10), not a case's budget.
+    sweep = dataclasses.replace(sweep, cpu_budget_s=max(sweep.cpu_budget_s, 2.0), cpu_min_reps=10)
     (med, p20, p80), _ = time_workload(Workload(lambda: a @ b, []), sweep)
     flops = 2 * n**3
     return n, tuple(flops / (t * 1e-3) / 1e12 for t in (med, p80, p20))  # slow time -> low rate

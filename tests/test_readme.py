@@ -14,3 +14,12 @@ def test_readme_timm_example_runs():
     loss, last = namespace["loss"], namespace["last"]
     assert loss.ndim == 0 and loss.isfinite()
     assert last.shape[1] == 196
+
+
+def test_readme_performance_tables_are_the_committed_summaries():
+    """Each number in the README's performance tables is a committed benchmark run's summary.md, copied whole."""
+    blocks = re.findall(r"<!-- summary: (\S+) -->\n(.*?)<!-- end summary -->", README.read_text(), flags=re.S)
+    assert blocks, "the README embeds no benchmark summary"
+    for path, body in blocks:
+        committed = (README.parent / path).read_text()
+        assert body.strip() == committed.strip(), f"the README's table differs from {path}: copy that file in again"
