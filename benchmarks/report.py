@@ -171,7 +171,8 @@ SUMMARY_NS = (196, 1024, 4096, 16384, 65536)
 
 def summary(records: list[dict]) -> list[str]:
     """The table a reader looks at first: forward + backward at the smallest D, one row per op and N of
-    SUMMARY_NS, every provider's time, fastpatchdiv's speed-up, peak memory and fraction of peak.
+    SUMMARY_NS (every N when the run has none of them), every provider's time, fastpatchdiv's speed-up,
+    peak memory and fraction of peak.
     README.md embeds it verbatim (tests/test_readme.py checks that it matches the committed file)."""
     recs = [r for r in _case_records(records) if r["mode"] == "full"]
     if not recs:
@@ -180,6 +181,8 @@ def summary(records: list[dict]) -> list[str]:
     providers = _ordered([r["provider"] for r in recs], list(PROVIDERS))
     vs = [p for p in BASELINES if p in providers]
     d = min(r["D"] for r in recs)
+    ns = sorted({r["N"] for r in recs})
+    ns = [n for n in ns if n in SUMMARY_NS] or ns  # a filtered or --quick run shows what it has
     env = recs[0]
     lines = []
     for dtype in _ordered([r["dtype"] for r in recs], ["bf16", "fp32", "fp16"]):
@@ -196,7 +199,7 @@ def summary(records: list[dict]) -> list[str]:
         ]
         notes = defaultdict(list)
         for op in _ordered([r["op"] for r in recs], list(OPS)):
-            for n in SUMMARY_NS:
+            for n in ns:
                 if not get(op, "fastpatchdiv", "time", n):
                     continue
                 times = [get(op, p, "time", n) for p in providers]
@@ -211,7 +214,7 @@ def summary(records: list[dict]) -> list[str]:
                 lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"\\* {p}, {', '.join(where)}: {note}  " for (p, note), where in notes.items()]
         over = any((r := get(op, "fastpatchdiv", "roofline", n)) and r["status"] == "ok" and r["median"] > 1
-                   for op in OPS for n in SUMMARY_NS)
+                   for op in OPS for n in ns)
         if over:
             lines.append("Above 100% of peak: fastpatchdiv did less work than the count it is charged (the "
                          "backward's recomputation is counted, and a path that forms the gradient during the "
