@@ -8,8 +8,9 @@ first (lazy initialisation; torch.compile's compilation), then the RSS high-wate
 (``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small copy
 of the case (``cases.warmup_case``): their one-time work does not depend on the shape, and a
 same-shape warm-up would double the cost of the long cases (a minute each at N = 65536 on CPU).
-torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a fixed mmap threshold so that buffers
-freed by the warm-up go back to the OS rather than being reused unseen by the measured run.
+torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a
+fixed mmap threshold so that buffers freed by the warm-up go back to the OS rather than being reused
+unseen by the measured run.
 """
 
 from __future__ import annotations

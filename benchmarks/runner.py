@@ -71,7 +71,9 @@ def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        # Results written by earlier runs do not change what is measured: only code makes a run "+dirty".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode:

@@ -14,7 +14,8 @@ import torch
 from benchmarks.cases import DTYPES, Sweep, Workload
 
 QUANTILES = (0.5, 0.2, 0.8)
-# CPU: after a discarded call longer than this, one timed call is enough.
+# CPU: a call longer than this is timed once (after a discarded call, or a small copy's for an eager
+# case estimated this long: see time_cpu).
 LONG_CALL_S = 5.0
 
 
