@@ -123,9 +123,13 @@ def _box_sum(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tenso
     # An NCHW view with channels-last strides: no copy, and the pooling vectorises over D (3x faster
     # than a transposed copy at a 256 x 256 grid on CPU).
     img = z.reshape(B, *grid, D).permute(0, 3, 1, 2)
-    # count_include_pad=True divides by k² everywhere, so avg * k² is the zero-padded box sum.
-    box = F.avg_pool2d(img, window, stride=1, padding=window // 2, count_include_pad=True) * (window * window)
-    return box.permute(0, 2, 3, 1).reshape(B, N, D)
+    # The box is separable: a 1 x k then a k x 1 pass add 2k terms per patch instead of k² (2x faster
+    # at the default k = 7 on CPU). count_include_pad=True divides by k in each pass, so the zero-padded
+    # box sum is avg * k².
+    r = window // 2
+    img = F.avg_pool2d(img, (1, window), stride=1, padding=(0, r), count_include_pad=True)
+    img = F.avg_pool2d(img, (window, 1), stride=1, padding=(r, 0), count_include_pad=True)
+    return (img * (window * window)).permute(0, 2, 3, 1).reshape(B, N, D)
 
 
 def _mean_window_loss(a, z, temperature, negatives, grid, window):
