@@ -14,8 +14,8 @@ import itertools
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -196,7 +196,7 @@ class LossFns:
         self._broken: str | None = None
         self._probed = False
 
-    def __call__(self, case: "Case") -> Callable[..., torch.Tensor]:
+    def __call__(self, case: Case) -> Callable[..., torch.Tensor]:
         if case.provider != "torch.compile":
             return loss_fn(case.op, case.provider)
         self._probe(case.device)
@@ -217,7 +217,7 @@ class LossFns:
             raise Unavailable(self._broken)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fastpatchdiv_backend(device: str, dtype: str) -> str:
     """Which path ``backend="auto"`` takes for these inputs ("triton" or "torch"), for the records."""
     try:
@@ -308,14 +308,21 @@ def default_sweep(device: str, quick: bool = False) -> Sweep:
     """Per-device defaults: the full GPU sweep, a CPU sweep that fits in 20 minutes on 2 cores, a smoke run."""
     if quick:
         return Sweep(
-            device=device, ns=(64, 144), ds=(32,), tokens=576, cpu_budget_s=0.1, cpu_max_reps=10,
-            cuda_warmup_ms=5, cuda_rep_ms=20, time_cap_s=5.0 if device == "cpu" else None, quick=True,
+            device=device,
+            ns=(64, 144),
+            ds=(32,),
+            tokens=576,
+            cpu_budget_s=0.1,
+            cpu_max_reps=10,
+            cuda_warmup_ms=5,
+            cuda_rep_ms=20,
+            time_cap_s=5.0 if device == "cpu" else None,
+            quick=True,
         )
     if device == "cuda":
         return Sweep(device=device, dtypes=("fp32", "bf16", "fp16"))
     # CPU: D = 768 only at N = 196 (ViT-B/16 at 224 px); --d 768 lifts that.
-    return Sweep(device=device, tokens=16384, d_max_n=((768, 196),), cpu_budget_s=0.3, time_cap_s=1.0,
-                 long_cap_s=90.0)
+    return Sweep(device=device, tokens=16384, d_max_n=((768, 196),), cpu_budget_s=0.3, time_cap_s=1.0, long_cap_s=90.0)
 
 
 def cases(sweep: Sweep) -> list[Case]:
@@ -342,7 +349,11 @@ def precheck(case: Case, sweep: Sweep) -> tuple[str, str] | None:
         need = naive_footprint(case)
         cap = sweep.mem_cap_gib * 2**30
         if need > cap:
-            return "oom", f"out of memory: the N x N reference needs ~{need / 2**30:.3g} GiB > cap {sweep.mem_cap_gib:g} GiB (not run)"
+            return (
+                "oom",
+                f"out of memory: the N x N reference needs ~{need / 2**30:.3g} GiB"
+                f" > cap {sweep.mem_cap_gib:g} GiB (not run)",
+            )
     return None
 
 
@@ -393,7 +404,10 @@ def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
         return None
     n_prev, d_prev = guesses[0][1]
     what = "per call with the forward it needs" if case.mode == "backward" else "per call"
-    return "skipped", f"skipped: estimated {seconds:.1f} s {what} > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})"
+    return (
+        "skipped",
+        f"skipped: estimated {seconds:.1f} s {what} > {cap:g} s cap on CPU (scaled from N={n_prev}, D={d_prev})",
+    )
 
 
 def remember(history: dict, case: Case, seconds: float) -> None:

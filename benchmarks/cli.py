@@ -15,7 +15,16 @@ import torch
 
 from benchmarks import memory, report, timing
 from benchmarks.cases import (
-    DTYPES, MODES, OPS, PROVIDERS, WARMUP_N, Sweep, cases, compile_in_process, default_sweep, quiet,
+    DTYPES,
+    MODES,
+    OPS,
+    PROVIDERS,
+    WARMUP_N,
+    Sweep,
+    cases,
+    compile_in_process,
+    default_sweep,
+    quiet,
 )
 from benchmarks.runner import Runner, device_slug, environment
 
@@ -32,12 +41,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", nargs="+", choices=list(OPS), metavar="OP", help=f"any of {', '.join(OPS)}")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P", help=f"any of {', '.join(PROVIDERS)}")
     p.add_argument("--modes", nargs="+", choices=MODES, metavar="M", help=f"any of {', '.join(MODES)}")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), dest="dtypes", metavar="DT", help="fp32 bf16 fp16 (16-bit: CUDA only)")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=list(DTYPES),
+        dest="dtypes",
+        metavar="DT",
+        help="fp32 bf16 fp16 (16-bit: CUDA only)",
+    )
     p.add_argument("--n", nargs="+", type=int, dest="ns", metavar="N", help="patch counts (window needs squares)")
-    p.add_argument("--d", nargs="+", type=int, dest="ds", metavar="D", help="feature sizes (lifts the CPU's D=768-only-at-small-N rule)")
+    p.add_argument(
+        "--d",
+        nargs="+",
+        type=int,
+        dest="ds",
+        metavar="D",
+        help="feature sizes (lifts the CPU's D=768-only-at-small-N rule)",
+    )
     p.add_argument("--tokens", type=int, help="B·N held constant (B = max(1, tokens // N))")
-    p.add_argument("--time-cap", type=float, dest="time_cap_s", metavar="S", help="CPU: skip cases estimated slower than S seconds per call")
-    p.add_argument("--mem-cap-gib", type=float, metavar="G", help="CPU: skip naive cases whose N x N footprint is estimated above G GiB")
+    p.add_argument(
+        "--time-cap",
+        type=float,
+        dest="time_cap_s",
+        metavar="S",
+        help="CPU: skip cases estimated slower than S seconds per call",
+    )
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        metavar="G",
+        help="CPU: skip naive cases whose N x N footprint is estimated above G GiB",
+    )
     p.add_argument("--no-memory", action="store_true", help="time only")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>[-quick|-partial])")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -64,18 +98,26 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
 def describe(sweep: Sweep) -> dict:
     """How the numbers were taken, for the report header."""
     if sweep.device == "cuda":
-        how_timed = (f"triton.testing.do_bench (warm-up {sweep.cuda_warmup_ms} ms excluded, {sweep.cuda_rep_ms} ms "
-                     "of runs, L2 flushed and input grads dropped before each run)")
+        how_timed = (
+            f"triton.testing.do_bench (warm-up {sweep.cuda_warmup_ms} ms excluded, {sweep.cuda_rep_ms} ms "
+            "of runs, L2 flushed and input grads dropped before each run)"
+        )
         how_measured = "torch.cuda.max_memory_allocated during one step minus memory_allocated before it"
     else:
-        how_timed = (f"wall clock per call, first call discarded, then >= {sweep.cpu_min_reps} calls and until "
-                     f"{sweep.cpu_budget_s:g} s (<= {sweep.cpu_max_reps}), {torch.get_num_threads()} threads; a call over "
-                     f"{timing.LONG_CALL_S:g} s is timed once, and an eager one estimated over that warms up on a "
-                     f"small copy (B=1, N={WARMUP_N}) instead of a discarded call")
-        how_measured = ("peak RSS growth (ru_maxrss) of one step in a fresh child process, after a warm-up step "
-                        f"(torch.compile: the same case; eager: a small copy, B=1, N={WARMUP_N}) and a high-water-mark reset")
-    how_timed += ("; forward and full rotate among 3 input sets while one input tensor is <= 256 MiB; backward times "
-                  "loss.backward(retain_graph=True) after an untimed forward")
+        how_timed = (
+            f"wall clock per call, first call discarded, then >= {sweep.cpu_min_reps} calls and until "
+            f"{sweep.cpu_budget_s:g} s (<= {sweep.cpu_max_reps}), {torch.get_num_threads()} threads; a call over "
+            f"{timing.LONG_CALL_S:g} s is timed once, and an eager one estimated over that warms up on a "
+            f"small copy (B=1, N={WARMUP_N}) instead of a discarded call"
+        )
+        how_measured = (
+            "peak RSS growth (ru_maxrss) of one step in a fresh child process, after a warm-up step "
+            f"(torch.compile: the same case; eager: a small copy, B=1, N={WARMUP_N}) and a high-water-mark reset"
+        )
+    how_timed += (
+        "; forward and full rotate among 3 input sets while one input tensor is <= 256 MiB; backward times "
+        "loss.backward(retain_graph=True) after an untimed forward"
+    )
     how_measured += " (the inputs, and for backward the saved graph, are not counted)"
     return {"timing": how_timed, "memory": how_measured}
 

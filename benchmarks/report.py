@@ -41,15 +41,21 @@ def _ordered(values, order):
 
 def _index(records) -> dict:
     """(op, mode, dtype, D, provider, metric, N) -> record."""
-    return {(r["op"], r["mode"], r["dtype"], r["D"], r["provider"], r["metric"], r["N"]): r for r in _case_records(records)}
+    return {
+        (r["op"], r["mode"], r["dtype"], r["D"], r["provider"], r["metric"], r["N"]): r for r in _case_records(records)
+    }
 
 
 def _sections(records):
     """(op, dtype, D) combinations present, in registry order."""
     recs = _case_records(records)
     ops = _ordered([r["op"] for r in recs], list(OPS))
-    return [(op, dt, d) for op in ops for dt in sorted({r["dtype"] for r in recs if r["op"] == op})
-            for d in sorted({r["D"] for r in recs if r["op"] == op and r["dtype"] == dt})]
+    return [
+        (op, dt, d)
+        for op in ops
+        for dt in sorted({r["dtype"] for r in recs if r["op"] == op})
+        for d in sorted({r["D"] for r in recs if r["op"] == op and r["dtype"] == dt})
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,7 +83,14 @@ def _cell(r: dict | None, spread: bool = False) -> str:
 
 
 def _ratio(num: dict | None, den: dict | None) -> str:
-    if not num or not den or num["status"] != "ok" or den["status"] != "ok" or not den["median"] or num["median"] is None:
+    if (
+        not num
+        or not den
+        or num["status"] != "ok"
+        or den["status"] != "ok"
+        or not den["median"]
+        or num["median"] is None
+    ):
         return ""
     return _fmt(num["median"] / den["median"]) + "×"
 
@@ -99,10 +112,13 @@ def _header(records, config) -> list[str]:
     ]
     for r in peaks:
         what = "Matmul rate" if r["op"] == "peak-matmul" else "Copy bandwidth"
-        lines.append(f"- {what} ({r['dtype']}, {r['note']}): {_fmt(r['median'])} {r['unit']} (p20–p80 {_fmt(r['p20'])}–{_fmt(r['p80'])})")
+        lines.append(
+            f"- {what} ({r['dtype']}, {r['note']}): {_fmt(r['median'])} {r['unit']}"
+            f" (p20–p80 {_fmt(r['p20'])}–{_fmt(r['p80'])})"
+        )
     backends = sorted({r["backend"] for r in _case_records(records) if r["provider"] == "fastpatchdiv"})
     lines += [
-        f"- fastpatchdiv path (backend=\"auto\"): {', '.join(backends)}",
+        f'- fastpatchdiv path (backend="auto"): {", ".join(backends)}',
         f"- Timing: {config.get('timing', '')}",
         f"- Memory: {config.get('memory', '')}",
         "",
@@ -146,7 +162,9 @@ def _table(idx, op, mode, dtype, d, providers, ns) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| " + " | ".join(mem_cols) + " |", "|" + "---|" * len(mem_cols)]
     for n in rows:
-        cells = [str(n), batch(n)] + [_cell(get(p, "memory", n)) for p in providers] + [speed(p, n, "memory") for p in vs]
+        cells = (
+            [str(n), batch(n)] + [_cell(get(p, "memory", n)) for p in providers] + [speed(p, n, "memory") for p in vs]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     notes = defaultdict(list)  # one line per distinct reason a case did not run
     for n in rows:
@@ -156,13 +174,19 @@ def _table(idx, op, mode, dtype, d, providers, ns) -> list[str]:
                 notes[(p, "", t["note"])].append(n)
             elif m and m["status"] != "ok":
                 notes[(p, " memory", m["note"])].append(n)
-    over = sorted({p for n in rows for p in providers if (r := get(p, "roofline", n)) and r["status"] == "ok" and r["median"] > 1})
+    over = sorted(
+        {p for n in rows for p in providers if (r := get(p, "roofline", n)) and r["status"] == "ok" and r["median"] > 1}
+    )
     lines += [""] if notes or over else []
-    lines += [f"\\* {p}{what}, N = {', '.join(map(str, n_list))}: {note}  " for (p, what, note), n_list in notes.items()]
+    lines += [
+        f"\\* {p}{what}, N = {', '.join(map(str, n_list))}: {note}  " for (p, what, note), n_list in notes.items()
+    ]
     if over:
-        lines.append(f"Above 100% of peak ({', '.join(over)}): this mode did less than the work counted for it, "
-                     "because the implementation does that work in another mode (e.g. a gradient formed during the "
-                     "forward); compare the full mode.  ")
+        lines.append(
+            f"Above 100% of peak ({', '.join(over)}): this mode did less than the work counted for it, "
+            "because the implementation does that work in another mode (e.g. a gradient formed during the "
+            "forward); compare the full mode.  "
+        )
     return lines + [""]
 
 
@@ -186,15 +210,18 @@ def summary(records: list[dict]) -> list[str]:
     env = recs[0]
     lines = []
     for dtype in _ordered([r["dtype"] for r in recs], ["bf16", "fp32", "fp16"]):
-        get = lambda op, p, m, n: idx.get((op, "full", dtype, d, p, m, n))  # noqa: E731
+        get = lambda op, p, m, n, dtype=dtype: idx.get((op, "full", dtype, d, p, m, n))  # noqa: E731
         lines += [
             f"Forward + backward, {dtype}, D = {d}, on {env['device_name']} (torch {env['torch_version']}, "
             f"triton {env['triton_version']}, {env['date'][:10]}). Time in ms (median); speed-up = baseline time / "
             "fastpatchdiv time; memory = peak above the inputs.",
             "",
-            "| op | N | B | " + " | ".join(f"{p} ms" for p in providers)
+            "| op | N | B | "
+            + " | ".join(f"{p} ms" for p in providers)
             + "".join(f" | speed-up vs {p}" for p in vs)
-            + " | peak MiB " + " / ".join(providers) + " | fastpatchdiv % of peak |",
+            + " | peak MiB "
+            + " / ".join(providers)
+            + " | fastpatchdiv % of peak |",
             "|" + "---|" * (5 + len(providers) + len(vs)),
         ]
         notes = defaultdict(list)
@@ -203,7 +230,7 @@ def summary(records: list[dict]) -> list[str]:
                 if not get(op, "fastpatchdiv", "time", n):
                     continue
                 times = [get(op, p, "time", n) for p in providers]
-                for p, t in zip(providers, times):
+                for p, t in zip(providers, times, strict=True):
                     if t and t["status"] != "ok":
                         notes[(p, t["note"])].append(f"{op} N={n}")
                 roof = get(op, "fastpatchdiv", "roofline", n)
@@ -213,12 +240,17 @@ def summary(records: list[dict]) -> list[str]:
                 cells.append(f"{_fmt(100 * roof['median'])}%" if roof and roof["status"] == "ok" else "")
                 lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"\\* {p}, {', '.join(where)}: {note}  " for (p, note), where in notes.items()]
-        over = any((r := get(op, "fastpatchdiv", "roofline", n)) and r["status"] == "ok" and r["median"] > 1
-                   for op in OPS for n in ns)
+        over = any(
+            (r := get(op, "fastpatchdiv", "roofline", n)) and r["status"] == "ok" and r["median"] > 1
+            for op in OPS
+            for n in ns
+        )
         if over:
-            lines.append("Above 100% of peak: fastpatchdiv did less work than the count it is charged (the "
-                         "backward's recomputation is counted, and a path that forms the gradient during the "
-                         "forward skips it).  ")
+            lines.append(
+                "Above 100% of peak: fastpatchdiv did less work than the count it is charged (the "
+                "backward's recomputation is counted, and a path that forms the gradient during the "
+                "forward skips it).  "
+            )
         lines += [""]
     return lines
 
@@ -268,7 +300,9 @@ def _grid(records, metric, dtype, d, path) -> None:
         ax = axes[i][j]
         ns = set()
         for p in _ordered([r["provider"] for r in recs], list(PROVIDERS)):
-            points = sorted((r for r in recs if (r["op"], r["mode"], r["provider"]) == (op, mode, p)), key=lambda r: r["N"])
+            points = sorted(
+                (r for r in recs if (r["op"], r["mode"], r["provider"]) == (op, mode, p)), key=lambda r: r["N"]
+            )
             ok = [r for r in points if r["status"] == "ok" and r["median"] and r["median"] > 0]
             ns.update(r["N"] for r in points)
             label = p + _failure_label(points)
@@ -288,7 +322,9 @@ def _grid(records, metric, dtype, d, path) -> None:
         ax.set_ylabel(f"{metric} ({unit})", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(f"{metric} vs N · {dtype} · D={d} · B·N constant · {recs[0]['device_name'] if recs else ''}", fontsize=10)
+    fig.suptitle(
+        f"{metric} vs N · {dtype} · D={d} · B·N constant · {recs[0]['device_name'] if recs else ''}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -310,19 +346,30 @@ def _roofline_bars(records, dtype, d, path) -> None:
     ax = fig.subplots()
     width = 0.8 / max(1, len(providers))
     for k, p in enumerate(providers):
-        for g, (op, mode, n, by_p) in enumerate(groups):
+        for g, (op, _mode, _n, by_p) in enumerate(groups):
             r = by_p.get(p)
             x = g + (k - (len(providers) - 1) / 2) * width
             hatch = None if OPS[op].compute_bound else "//"
             if r and r["status"] == "ok":
-                ax.bar(x, r["median"], width, color=COLORS.get(p), hatch=hatch, edgecolor="white",
-                       yerr=[[r["median"] - r["p20"]], [r["p80"] - r["median"]]], capsize=2)
+                ax.bar(
+                    x,
+                    r["median"],
+                    width,
+                    color=COLORS.get(p),
+                    hatch=hatch,
+                    edgecolor="white",
+                    yerr=[[r["median"] - r["p20"]], [r["p80"] - r["median"]]],
+                    capsize=2,
+                )
             elif r:
                 ax.text(x, 0, SHORT.get(r["status"], r["status"]), rotation=90, ha="center", va="bottom", fontsize=6)
     ax.legend(handles=[Patch(color=COLORS.get(p), label=p) for p in providers], fontsize=7)
     ax.set_xticks(range(len(groups)), [f"{op}\n{mode}\nN={n}" for op, mode, n, _ in groups], fontsize=7)
     ax.set_ylabel("fraction of measured ceiling")
-    ax.set_title(f"Roofline · {dtype} · D={d}: solid = of matmul rate (O(N²·D) ops), hatched = of copy bandwidth (O(N·D) ops)", fontsize=8)
+    ax.set_title(
+        f"Roofline · {dtype} · D={d}: solid = of matmul rate (O(N²·D) ops), hatched = of copy bandwidth (O(N·D) ops)",
+        fontsize=8,
+    )
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

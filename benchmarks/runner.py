@@ -38,9 +38,30 @@ from benchmarks.cases import (
 
 # Every record has exactly these keys, in this order.
 RECORD_KEYS = (
-    "op", "provider", "mode", "dtype", "B", "N", "D", "tokens", "metric", "unit", "median", "p20", "p80",
-    "status", "note", "samples", "backend", "device", "device_name", "torch_version", "triton_version",
-    "fastpatchdiv_version", "git_commit", "date",
+    "op",
+    "provider",
+    "mode",
+    "dtype",
+    "B",
+    "N",
+    "D",
+    "tokens",
+    "metric",
+    "unit",
+    "median",
+    "p20",
+    "p80",
+    "status",
+    "note",
+    "samples",
+    "backend",
+    "device",
+    "device_name",
+    "torch_version",
+    "triton_version",
+    "fastpatchdiv_version",
+    "git_commit",
+    "date",
 )
 MIB = 2**20
 
@@ -70,10 +91,17 @@ def _version(name: str) -> str | None:
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         # Results written by earlier runs do not change what is measured: only code makes a run "+dirty".
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
-                               cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode:
@@ -232,7 +260,9 @@ class Runner:
             ceiling = f"measured {'matmul rate' if op.compute_bound else 'copy bandwidth'} {peak:.3g} {unit}"
             records.append(self._record(case, "roofline", "fraction", tuple(r / peak for r in rate), "ok", ceiling))
         else:
-            records.append(self._record(case, "roofline", "fraction", None, "skipped", f"no measured {unit} peak for {case.dtype}"))
+            records.append(
+                self._record(case, "roofline", "fraction", None, "skipped", f"no measured {unit} peak for {case.dtype}")
+            )
         return records
 
     # --- records -------------------------------------------------------------------------------------
@@ -248,10 +278,24 @@ class Runner:
             backend = {"torch": "eager", "torch.compile": "inductor"}.get(case.provider)
             backend = backend or fastpatchdiv_backend(case.device, case.dtype)
         record = {
-            "op": case.op, "provider": case.provider, "mode": case.mode, "dtype": case.dtype,
-            "B": case.B, "N": case.N, "D": case.D, "tokens": case.B * case.N,
-            "metric": metric, "unit": unit, "median": median, "p20": p20, "p80": p80,
-            "status": status, "note": note, "samples": samples, "backend": backend, **self.env,
+            "op": case.op,
+            "provider": case.provider,
+            "mode": case.mode,
+            "dtype": case.dtype,
+            "B": case.B,
+            "N": case.N,
+            "D": case.D,
+            "tokens": case.B * case.N,
+            "metric": metric,
+            "unit": unit,
+            "median": median,
+            "p20": p20,
+            "p80": p80,
+            "status": status,
+            "note": note,
+            "samples": samples,
+            "backend": backend,
+            **self.env,
         }
         assert tuple(record) == RECORD_KEYS, "update RECORD_KEYS (and tests/test_benchmarks.py) with the format"
         return record

@@ -28,11 +28,15 @@ def time_cuda(w: Workload, warmup_ms: int, rep_ms: int) -> tuple[tuple, None]:
     """do_bench: events around each run, warm-up excluded, L2 flushed and input grads dropped between runs."""
     import triton.testing
 
-    med, p20, p80 = triton.testing.do_bench(w.step, warmup=warmup_ms, rep=rep_ms, grad_to_none=w.grads, quantiles=list(QUANTILES))
+    med, p20, p80 = triton.testing.do_bench(
+        w.step, warmup=warmup_ms, rep=rep_ms, grad_to_none=w.grads, quantiles=list(QUANTILES)
+    )
     return (med, p20, p80), None  # do_bench does not report its repeat count
 
 
-def time_cpu(w: Workload, budget_s: float, min_reps: int, max_reps: int, warmup: Workload | None = None) -> tuple[tuple, int]:
+def time_cpu(
+    w: Workload, budget_s: float, min_reps: int, max_reps: int, warmup: Workload | None = None
+) -> tuple[tuple, int]:
     """The first run is discarded (compilation, first touch); then at least ``min_reps`` runs (one if the
     discarded run took over LONG_CALL_S) and until ``budget_s`` of timed runs, at most ``max_reps``.
     ``warmup`` (a small copy of an eager case estimated over LONG_CALL_S) runs instead of the discarded

@@ -77,4 +77,3 @@ def per_image_grad(grad_output: torch.Tensor, reduction: str, batch: int) -> tor
         return g.reshape(batch)
     scale = 1.0 / batch if reduction == "mean" else 1.0
     return (g * scale).reshape(1).expand(batch)
-

@@ -6,8 +6,8 @@ import functools
 
 import torch
 import triton
-
 from fastpatchdiv.kernels import INTERPRETER
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: fp32 follows ``torch.get_float32_matmul_precision()``.
@@ -25,7 +25,7 @@ def upcast_loads(dtype: torch.dtype) -> bool:
     return INTERPRETER and dtype == torch.bfloat16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

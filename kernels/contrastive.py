@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.kernels._utils import dot_precision, next_pow2, upcast_loads
 
@@ -37,10 +36,22 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _score_tile(
-    a_base, z_base, rows, cols, row_ok, col_ok, D,
-    stride_an, stride_ad, stride_zn, stride_zd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    a_base,
+    z_base,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    D,
+    stride_an,
+    stride_ad,
+    stride_zn,
+    stride_zd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """A_I Z_Jᵀ for one (BLOCK_M, BLOCK_N) tile, fp32, looping over the features in BLOCK_K chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -49,11 +60,13 @@ def _score_tile(
         k_ok = ks < D
         a = tl.load(
             a_base + rows[:, None] * stride_an + ks[None, :] * stride_ad,
-            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         z = tl.load(
             z_base + cols[:, None] * stride_zn + ks[None, :] * stride_zd,
-            mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         if UPCAST:
             a = a.to(tl.float32)
@@ -64,13 +77,24 @@ def _score_tile(
 
 @triton.jit
 def _contrastive_all_fwd_kernel(
-    a_ptr, z_ptr, lse2_ptr, loss_ptr,
-    N, D,
-    stride_ab, stride_an, stride_ad,
-    stride_zb, stride_zn, stride_zd,
+    a_ptr,
+    z_ptr,
+    lse2_ptr,
+    loss_ptr,
+    N,
+    D,
+    stride_ab,
+    stride_an,
+    stride_ad,
+    stride_zb,
+    stride_zn,
+    stride_zd,
     scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B): lse2_i = log2 Σ_j 2^(S_ij·log2 e) and ℓ_i = (lse2_i − S_ii·log2 e)·ln 2."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -87,9 +111,24 @@ def _contrastive_all_fwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        s = _score_tile(a_base, z_base, rows, cols, row_ok, col_ok, D,
-                        stride_an, stride_ad, stride_zn, stride_zd,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        s = _score_tile(
+            a_base,
+            z_base,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            D,
+            stride_an,
+            stride_ad,
+            stride_zn,
+            stride_zd,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            PRECISION,
+        )
         s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -105,14 +144,29 @@ def _contrastive_all_fwd_kernel(
 
 @triton.jit
 def _contrastive_all_bwd_dz_kernel(
-    a_ptr, z_ptr, lse2_ptr, coef_ptr, dz_ptr,
-    N, D,
-    stride_ab, stride_an, stride_ad,
-    stride_zb, stride_zn, stride_zd,
-    stride_gb, stride_gn, stride_gd,
+    a_ptr,
+    z_ptr,
+    lse2_ptr,
+    coef_ptr,
+    dz_ptr,
+    N,
+    D,
+    stride_ab,
+    stride_an,
+    stride_ad,
+    stride_zb,
+    stride_zn,
+    stride_zd,
+    stride_gb,
+    stride_gn,
+    stride_gd,
     scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(D, BLOCK_DV), B): dZ_J = coef_b · Σ_I (P_IJ − I_IJ)ᵀ A_I, coef_b = g_b/(N τ)."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -130,16 +184,32 @@ def _contrastive_all_bwd_dz_kernel(
     for row_start in range(0, N, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
-        s = _score_tile(a_base, z_base, rows, cols, row_ok, col_ok, D,
-                        stride_an, stride_ad, stride_zn, stride_zd,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        s = _score_tile(
+            a_base,
+            z_base,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            D,
+            stride_an,
+            stride_ad,
+            stride_zn,
+            stride_zd,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            PRECISION,
+        )
         # Padded rows get lse = +inf, so their P is exactly 0.
         lse2 = tl.load(lse2_ptr + b * N + rows, mask=row_ok, other=float("inf"))
         p = tl.exp2(s * scale_log2 - lse2[:, None])
         ds = tl.where(rows[:, None] == cols[None, :], p - 1.0, p)
         a_v = tl.load(
             a_base + rows[:, None] * stride_an + dv[None, :] * stride_ad,
-            mask=row_ok[:, None] & dv_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & dv_ok[None, :],
+            other=0.0,
         )
         if UPCAST:
             a_v = a_v.to(tl.float32)
@@ -155,14 +225,29 @@ def _contrastive_all_bwd_dz_kernel(
 
 @triton.jit
 def _contrastive_all_bwd_da_kernel(
-    a_ptr, z_ptr, lse2_ptr, coef_ptr, da_ptr,
-    N, D,
-    stride_ab, stride_an, stride_ad,
-    stride_zb, stride_zn, stride_zd,
-    stride_gb, stride_gn, stride_gd,
+    a_ptr,
+    z_ptr,
+    lse2_ptr,
+    coef_ptr,
+    da_ptr,
+    N,
+    D,
+    stride_ab,
+    stride_an,
+    stride_ad,
+    stride_zb,
+    stride_zn,
+    stride_zd,
+    stride_gb,
+    stride_gn,
+    stride_gd,
     scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), cdiv(D, BLOCK_DV), B): dA_I = coef_b · Σ_J (P_IJ − I_IJ) Z_J."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -181,15 +266,31 @@ def _contrastive_all_bwd_da_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        s = _score_tile(a_base, z_base, rows, cols, row_ok, col_ok, D,
-                        stride_an, stride_ad, stride_zn, stride_zd,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        s = _score_tile(
+            a_base,
+            z_base,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            D,
+            stride_an,
+            stride_ad,
+            stride_zn,
+            stride_zd,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            PRECISION,
+        )
         p = tl.exp2(s * scale_log2 - lse2[:, None])
         ds = tl.where(rows[:, None] == cols[None, :], p - 1.0, p)
         # Padded columns: Z rows load as 0, so their P adds nothing.
         z_v = tl.load(
             z_base + cols[:, None] * stride_zn + dv[None, :] * stride_zd,
-            mask=col_ok[:, None] & dv_ok[None, :], other=0.0,
+            mask=col_ok[:, None] & dv_ok[None, :],
+            other=0.0,
         )
         if UPCAST:
             z_v = z_v.to(tl.float32)
@@ -226,8 +327,13 @@ def _fwd_configs():
 def _bwd_configs():
     out = []
     # The first is BWD_DEFAULTS (spill-free in fp32 on sm_80/sm_90).
-    configs = ((64, 64, 32, 128, 8, 2), (64, 64, 64, 128, 8, 2), (64, 64, 64, 64, 4, 3), (32, 64, 64, 256, 8, 2),
-               (64, 128, 64, 128, 8, 2))
+    configs = (
+        (64, 64, 32, 128, 8, 2),
+        (64, 64, 64, 128, 8, 2),
+        (64, 64, 64, 64, 4, 3),
+        (32, 64, 64, 256, 8, 2),
+        (64, 128, 64, 128, 8, 2),
+    )
     for bm, bn, bk, bdv, w, st in configs:
         out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DV=bdv), num_warps=w, num_stages=st))
     return out
@@ -242,12 +348,12 @@ def _prune_dv(configs, named_args, **kwargs):
 
 # Tuning happens per (N, D) bucket on CUDA only; the interpreter calls the plain jit functions.
 _fwd_tuned = triton.autotune(configs=_fwd_configs(), key=["N", "D"])(_contrastive_all_fwd_kernel)
-_dz_tuned = triton.autotune(
-    configs=_bwd_configs(), key=["N", "D"], prune_configs_by={"early_config_prune": _prune_dv}
-)(_contrastive_all_bwd_dz_kernel)
-_da_tuned = triton.autotune(
-    configs=_bwd_configs(), key=["N", "D"], prune_configs_by={"early_config_prune": _prune_dv}
-)(_contrastive_all_bwd_da_kernel)
+_dz_tuned = triton.autotune(configs=_bwd_configs(), key=["N", "D"], prune_configs_by={"early_config_prune": _prune_dv})(
+    _contrastive_all_bwd_dz_kernel
+)
+_da_tuned = triton.autotune(configs=_bwd_configs(), key=["N", "D"], prune_configs_by={"early_config_prune": _prune_dv})(
+    _contrastive_all_bwd_da_kernel
+)
 
 
 def _common_args(a: torch.Tensor):
@@ -267,16 +373,28 @@ def contrastive_all_forward(a: torch.Tensor, z: torch.Tensor, temperature: float
     lse2 = torch.empty((B, N), device=a.device, dtype=torch.float32)
     loss = torch.empty((B, N), device=a.device, dtype=torch.float32)
     args = (
-        a, z, lse2, loss, N, D,
-        a.stride(0), a.stride(1), a.stride(2),
-        z.stride(0), z.stride(1), z.stride(2),
+        a,
+        z,
+        lse2,
+        loss,
+        N,
+        D,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
         LOG2E / temperature,
     )
     if INTERPRETER or a.device.type != "cuda":
         blocks = INTERPRETER_BLOCKS
         grid = (triton.cdiv(N, blocks["BLOCK_M"]), B)
         _contrastive_all_fwd_kernel[grid](
-            *args, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+            *args,
+            BLOCK_M=blocks["BLOCK_M"],
+            BLOCK_N=blocks["BLOCK_N"],
+            BLOCK_K=blocks["BLOCK_K"],
             **_common_args(a),
         )
     else:
@@ -292,17 +410,34 @@ def _backward_launch(which: str, a, z, lse2, coef, out):
     tuned = _dz_tuned if which == "dz" else _da_tuned
     owner = "BLOCK_N" if which == "dz" else "BLOCK_M"
     args = (
-        a, z, lse2, coef, out, N, D,
-        a.stride(0), a.stride(1), a.stride(2),
-        z.stride(0), z.stride(1), z.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        a,
+        z,
+        lse2,
+        coef,
+        out,
+        N,
+        D,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
     )
     return jit_kernel, tuned, owner, args
 
 
 def contrastive_all_backward(
-    a: torch.Tensor, z: torch.Tensor, lse2: torch.Tensor, coef: torch.Tensor, temperature: float,
-    need_a: bool, need_z: bool,
+    a: torch.Tensor,
+    z: torch.Tensor,
+    lse2: torch.Tensor,
+    coef: torch.Tensor,
+    temperature: float,
+    need_a: bool,
+    need_z: bool,
 ):
     """Launch the backward kernels: dZ_b = coef_b (P_b − I)ᵀ A_b and dA_b = coef_b (P_b − I) Z_b.
 
@@ -326,7 +461,9 @@ def contrastive_all_backward(
             jit_kernel[grid](*args, scale_log2, **blocks, **_common_args(a))
         else:
             grid = lambda meta, owner=owner: (  # noqa: E731
-                triton.cdiv(N, meta[owner]), triton.cdiv(D, meta["BLOCK_DV"]), B
+                triton.cdiv(N, meta[owner]),
+                triton.cdiv(D, meta["BLOCK_DV"]),
+                B,
             )
             with torch.cuda.device(a.device):
                 tuned[grid](*args, scale_log2, **_common_args(a))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
 from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.kernels._utils import dot_precision, next_pow2, num_programs_cap, upcast_loads
 
@@ -30,9 +29,17 @@ EPS = 1e-12
 
 @triton.jit
 def _normalize_kernel(
-    x_ptr, xhat_ptr, norm_ptr,
-    N, D, stride_xb, stride_xn, stride_xd,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    xhat_ptr,
+    norm_ptr,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -72,9 +79,15 @@ def _triangle_row(t):
 
 @triton.jit
 def _cosine_fwd_kernel(
-    xhat_ptr, partial_ptr,
-    N, D, NUM_TILES,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    xhat_ptr,
+    partial_ptr,
+    N,
+    D,
+    NUM_TILES,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -96,10 +109,12 @@ def _cosine_fwd_kernel(
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < D
-            a = tl.load(base + rows[:, None].to(tl.int64) * D + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bt = tl.load(base + cols[None, :].to(tl.int64) * D + ks[:, None],
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a = tl.load(
+                base + rows[:, None].to(tl.int64) * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            bt = tl.load(
+                base + cols[None, :].to(tl.int64) * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
             if UPCAST:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
@@ -112,10 +127,22 @@ def _cosine_fwd_kernel(
 
 @triton.jit
 def _cosine_bwd_kernel(
-    x_ptr, xhat_ptr, norm_ptr, scale_ptr, dx_ptr,
-    N, D, stride_xb, stride_xn, stride_xd,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    xhat_ptr,
+    norm_ptr,
+    scale_ptr,
+    dx_ptr,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -133,8 +160,9 @@ def _cosine_bwd_kernel(
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        xj = tl.load(base + cols[:, None].to(tl.int64) * D + dims[None, :],
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        xj = tl.load(
+            base + cols[:, None].to(tl.int64) * D + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
         if UPCAST:
             xj = xj.to(tl.float32)
         s = tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
@@ -145,8 +173,11 @@ def _cosine_bwd_kernel(
 
     # g *= 2c · dL/dloss_b; then back through x̂ = x / max(|x|, eps), in fp32 from the original x.
     g = g * tl.load(scale_ptr + b)
-    x = tl.load(x_ptr + b * stride_xb + rows[:, None].to(tl.int64) * stride_xn + dims[None, :] * stride_xd,
-                mask=tile_ok, other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + b * stride_xb + rows[:, None].to(tl.int64) * stride_xn + dims[None, :] * stride_xd,
+        mask=tile_ok,
+        other=0.0,
+    ).to(tl.float32)
     norm = tl.load(norm_ptr + b * N + rows, mask=row_ok, other=1.0)
     clamped = norm < EPS
     r = tl.where(clamped, EPS, norm)
@@ -188,8 +219,15 @@ def pick_blocks(n: int, d: int, dtype: torch.dtype, interpreter: bool = INTERPRE
     else:
         bwd_m, bwd_n = {64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (32, 64)}.get(max(64, bwd_d), (16, 32))
     return Blocks(
-        norm_m=16, norm_d=min(256, bwd_d), fwd=fwd, fwd_k=32 if fp32 else 64,
-        bwd_m=bwd_m, bwd_n=bwd_n, bwd_d=bwd_d, num_warps=8, num_stages=2,
+        norm_m=16,
+        norm_d=min(256, bwd_d),
+        fwd=fwd,
+        fwd_k=32 if fp32 else 64,
+        bwd_m=bwd_m,
+        bwd_n=bwd_n,
+        bwd_d=bwd_d,
+        num_warps=8,
+        num_stages=2,
     )
 
 
@@ -203,17 +241,34 @@ def cosine_forward(x: torch.Tensor):
     xhat = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     norm = torch.empty((B, N), dtype=torch.float32, device=x.device)
     _normalize_kernel[(triton.cdiv(N, blk.norm_m), B)](
-        x, xhat, norm, N, D, x.stride(0), x.stride(1), x.stride(2),
-        EPS=EPS, BLOCK_M=blk.norm_m, BLOCK_D=blk.norm_d,
+        x,
+        xhat,
+        norm,
+        N,
+        D,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        EPS=EPS,
+        BLOCK_M=blk.norm_m,
+        BLOCK_D=blk.norm_d,
     )
     nb = triton.cdiv(N, blk.fwd)
     num_tiles = nb * (nb + 1) // 2
     progs = max(1, min(num_tiles, triton.cdiv(num_programs_cap(x.device), B)))
     partial = torch.empty((B, progs), dtype=torch.float32, device=x.device)
     _cosine_fwd_kernel[(progs, B)](
-        xhat, partial, N, D, num_tiles,
-        BLOCK=blk.fwd, BLOCK_K=blk.fwd_k, PRECISION=dot_precision(x.dtype), UPCAST=upcast_loads(x.dtype),
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
+        xhat,
+        partial,
+        N,
+        D,
+        num_tiles,
+        BLOCK=blk.fwd,
+        BLOCK_K=blk.fwd_k,
+        PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_loads(x.dtype),
+        num_warps=blk.num_warps,
+        num_stages=blk.num_stages,
     )
     loss = (partial.double().sum(dim=1) / (N * (N - 1))).float()
     return loss, xhat, norm
@@ -226,9 +281,23 @@ def cosine_backward(x: torch.Tensor, xhat: torch.Tensor, norm: torch.Tensor, gra
     scale = (grad_per_image.float() * (2.0 / (N * (N - 1)))).contiguous()
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     _cosine_bwd_kernel[(triton.cdiv(N, blk.bwd_m), B)](
-        x, xhat, norm, scale, dx, N, D, x.stride(0), x.stride(1), x.stride(2),
-        EPS=EPS, BLOCK_M=blk.bwd_m, BLOCK_N=blk.bwd_n, BLOCK_D=blk.bwd_d,
-        PRECISION=dot_precision(x.dtype), UPCAST=upcast_loads(x.dtype),
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
+        x,
+        xhat,
+        norm,
+        scale,
+        dx,
+        N,
+        D,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        EPS=EPS,
+        BLOCK_M=blk.bwd_m,
+        BLOCK_N=blk.bwd_n,
+        BLOCK_D=blk.bwd_d,
+        PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_loads(x.dtype),
+        num_warps=blk.num_warps,
+        num_stages=blk.num_stages,
     )
     return dx

@@ -9,7 +9,6 @@ The variable must be set before triton is imported, so it comes from the command
 
 import pytest
 import torch
-
 from fastpatchdiv.kernels import INTERPRETER
 
 

@@ -33,7 +33,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         diff = (a - e).abs()
         diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
         raise AssertionError(
-            f"{what} ({dtype}): {int(bad.sum())}/{a.numel()} elements differ beyond atol={atol}*{scale:.2e}, rtol={rtol}; "
+            f"{what} ({dtype}): {int(bad.sum())}/{a.numel()} elements differ"
+            f" beyond atol={atol}*{scale:.2e}, rtol={rtol}; "
             f"max abs diff {diff.max().item():.3e}; first at {idx}: got {[a[tuple(i)].item() for i in idx]}, "
             f"expected {[e[tuple(i)].item() for i in idx]}"
         )
@@ -60,8 +61,9 @@ def compile_for_cuda(fn, signature: dict, constexprs: dict, arch: int, num_warps
     full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=full, constexprs=constexprs)
     try:
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+        return triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        )
     except (ImportError, RuntimeError) as exc:  # no CUDA backend in this triton build
         if "backend" in str(exc).lower() or "ptxas" in str(exc).lower():
             pytest.skip(f"triton {triton.__version__} cannot compile for sm_{arch} here: {exc}")
@@ -83,7 +85,10 @@ def ptxas_spill_bytes(compiled, arch: int):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
         f.flush()
-        out = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", f.name,
-                              "-o", "/dev/null"], capture_output=True, text=True)
+        out = subprocess.run(
+            [ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", f.name, "-o", "/dev/null"],
+            capture_output=True,
+            text=True,
+        )
     found = re.search(r"(\d+) bytes spill stores", out.stderr)
     return int(found.group(1)) if found else None

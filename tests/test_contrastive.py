@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 import torch
-from tests.helpers import assert_close, compile_for_cuda, ptxas_spill_bytes
+from fastpatchdiv.kernels import INTERPRETER
 
 from fastpatchdiv import contrastive as C
 from fastpatchdiv.contrastive import PatchContrastiveLoss, patch_contrastive_loss
-from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.reference import contrastive_loss_reference
+from tests.helpers import assert_close, compile_for_cuda, ptxas_spill_bytes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -91,11 +91,21 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("negatives", ["mean", "window", "all"])
-def test_torch_path_matches_reference(small_torch_tiles, negatives, normalize, dtype, B, N, D, temperature, grid, window):
+def test_torch_path_matches_reference(
+    small_torch_tiles, negatives, normalize, dtype, B, N, D, temperature, grid, window
+):
     first, last = make_tokens(B, N, D, dtype, scale=D**-0.25)
     check_against_reference(
-        first, last, backend="torch", detach_first=(N % 2 == 0), temperature=temperature, normalize=normalize,
-        negatives=negatives, grid=grid, window=window, what=f"torch {negatives}",
+        first,
+        last,
+        backend="torch",
+        detach_first=(N % 2 == 0),
+        temperature=temperature,
+        normalize=normalize,
+        negatives=negatives,
+        grid=grid,
+        window=window,
+        what=f"torch {negatives}",
     )
 
 
@@ -107,8 +117,15 @@ def test_torch_path_noncontiguous(small_torch_tiles, negatives, temperature):
     last = torch.randn(2, 24, 20).transpose(1, 2)  # transposed storage
     assert not first.is_contiguous() and not last.is_contiguous()
     check_against_reference(
-        first, last, backend="torch", detach_first=False, temperature=temperature, negatives=negatives,
-        grid=(4, 5), window=3, what="torch non-contiguous",
+        first,
+        last,
+        backend="torch",
+        detach_first=False,
+        temperature=temperature,
+        negatives=negatives,
+        grid=(4, 5),
+        window=3,
+        what="torch non-contiguous",
     )
 
 
@@ -130,8 +147,16 @@ def test_gradcheck_torch_path(small_torch_tiles, negatives, normalize):
 
     def fn(f, z):
         return patch_contrastive_loss(
-            f, z, temperature=0.3, normalize=normalize, negatives=negatives, detach_first=False,
-            reduction="none", grid=(3, 6), window=3, backend="torch",
+            f,
+            z,
+            temperature=0.3,
+            normalize=normalize,
+            negatives=negatives,
+            detach_first=False,
+            reduction="none",
+            grid=(3, 6),
+            window=3,
+            backend="torch",
         )
 
     assert torch.autograd.gradcheck(fn, (first, last), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -142,7 +167,13 @@ def test_gradcheck_torch_path(small_torch_tiles, negatives, normalize):
 def test_torch_path_huge_logits(small_torch_tiles, negatives, dtype):
     first, last = huge_logit_tokens(dtype)
     loss = check_against_reference(
-        first, last, backend="torch", detach_first=False, negatives=negatives, grid=(3, 6), window=3,
+        first,
+        last,
+        backend="torch",
+        detach_first=False,
+        negatives=negatives,
+        grid=(3, 6),
+        window=3,
         what="torch ±500 logits",
     )
     assert torch.isfinite(loss).all()
@@ -151,7 +182,7 @@ def test_torch_path_huge_logits(small_torch_tiles, negatives, dtype):
 def test_torch_path_deterministic(small_torch_tiles):
     first, last = make_tokens(2, 40, 33, torch.float32)
     grads = [run_backward(first, last, negatives="all", backend="torch") for _ in range(2)]
-    for g0, g1 in zip(grads[0], grads[1]):
+    for g0, g1 in zip(grads[0], grads[1], strict=True):
         assert torch.equal(g0, g1)
 
 
@@ -170,7 +201,10 @@ def test_module_functional_and_reductions(negatives):
     # reduction="none" with a non-scalar grad_output, through the Module and the function alike.
     weights = torch.tensor([0.5, -1.0, 2.0])
     grads = []
-    for call in (PatchContrastiveLoss(reduction="none", **kw), lambda f, z: patch_contrastive_loss(f, z, reduction="none", **kw)):
+    for call in (
+        PatchContrastiveLoss(reduction="none", **kw),
+        lambda f, z: patch_contrastive_loss(f, z, reduction="none", **kw),
+    ):
         z = last.clone().requires_grad_()
         call(first, z).backward(weights)
         grads.append(z.grad)
@@ -210,7 +244,12 @@ BAD_INPUTS = [
     pytest.param(_bad(negatives="hard"), ValueError, "negatives", id="negatives"),
     pytest.param(_bad(reduction="max"), ValueError, "reduction", id="reduction"),
     pytest.param(_bad(backend="cuda"), ValueError, "backend", id="backend"),
-    pytest.param(_bad(first=torch.randn(2, 8, 4), last=torch.randn(2, 8, 4), negatives="window"), ValueError, "not a square", id="grid-not-square"),
+    pytest.param(
+        _bad(first=torch.randn(2, 8, 4), last=torch.randn(2, 8, 4), negatives="window"),
+        ValueError,
+        "not a square",
+        id="grid-not-square",
+    ),
     pytest.param(_bad(negatives="window", grid=(2, 4)), ValueError, "grid", id="grid-product"),
     pytest.param(_bad(negatives="all", grid=(3, 4)), ValueError, "grid", id="grid-product-any-mode"),
     pytest.param(_bad(negatives="window", grid=(3, 3, 1)), ValueError, "grid", id="grid-len"),
@@ -297,8 +336,14 @@ KERNEL_CASES = [
 def test_kernel_matches_reference(kernel_device, B, N, D, temperature, normalize, dtype, detach_first):
     first, last = make_tokens(B, N, D, dtype, kernel_device, scale=D**-0.25)
     check_against_reference(
-        first, last, backend="triton", detach_first=detach_first, temperature=temperature,
-        normalize=normalize, negatives="all", what="kernel all",
+        first,
+        last,
+        backend="triton",
+        detach_first=detach_first,
+        temperature=temperature,
+        normalize=normalize,
+        negatives="all",
+        what="kernel all",
     )
 
 
@@ -309,7 +354,12 @@ def test_kernel_noncontiguous(kernel_device, dtype):
     last = torch.randn(2, 20, 17, device=kernel_device).to(dtype).transpose(1, 2)
     assert not first.is_contiguous() and not last.is_contiguous()
     check_against_reference(
-        first, last, backend="triton", detach_first=False, temperature=0.2, negatives="all",
+        first,
+        last,
+        backend="triton",
+        detach_first=False,
+        temperature=0.2,
+        negatives="all",
         what="kernel non-contiguous",
     )
 
@@ -319,7 +369,12 @@ def test_kernel_noncontiguous(kernel_device, dtype):
 def test_kernel_huge_logits(kernel_device, dtype):
     first, last = huge_logit_tokens(dtype, kernel_device)
     loss = check_against_reference(
-        first, last, backend="triton", detach_first=False, negatives="all", what="kernel ±500 logits",
+        first,
+        last,
+        backend="triton",
+        detach_first=False,
+        negatives="all",
+        what="kernel ±500 logits",
     )
     assert torch.isfinite(loss).all()
 
@@ -328,7 +383,7 @@ def test_kernel_huge_logits(kernel_device, dtype):
 def test_kernel_deterministic(kernel_device):
     first, last = make_tokens(2, 33, 20, torch.float32, kernel_device)
     grads = [run_backward(first, last, negatives="all", backend="triton") for _ in range(2)]
-    for g0, g1 in zip(grads[0], grads[1]):
+    for g0, g1 in zip(grads[0], grads[1], strict=True):
         assert torch.equal(g0, g1)
 
 
@@ -343,7 +398,9 @@ def test_kernel_reduction_none_and_module(kernel_device):
     z = last.clone().requires_grad_()
     patch_contrastive_loss(first, z, reduction="none", **kw).backward(weights)
     z64 = last.detach().cpu().double().requires_grad_()
-    (contrastive_loss_reference(first.cpu().double(), z64, temperature=0.5, negatives="all") * weights.cpu().double()).sum().backward()
+    (
+        contrastive_loss_reference(first.cpu().double(), z64, temperature=0.5, negatives="all") * weights.cpu().double()
+    ).sum().backward()
     assert_close(z.grad, z64.grad, torch.float32, "kernel weighted reduction='none'")
     assert z.grad[2].abs().max() == 0  # a zero grad_output entry gives that image exactly zero gradient
 
@@ -352,8 +409,12 @@ def test_kernel_reduction_none_and_module(kernel_device):
 def test_kernel_matches_torch_path(kernel_device):
     first, last = make_tokens(2, 40, 24, torch.float32, kernel_device)
     for normalize in (False, True):
-        got = patch_contrastive_loss(first, last, negatives="all", normalize=normalize, reduction="none", backend="triton")
-        want = patch_contrastive_loss(first.cpu(), last.cpu(), negatives="all", normalize=normalize, reduction="none", backend="torch")
+        got = patch_contrastive_loss(
+            first, last, negatives="all", normalize=normalize, reduction="none", backend="triton"
+        )
+        want = patch_contrastive_loss(
+            first.cpu(), last.cpu(), negatives="all", normalize=normalize, reduction="none", backend="torch"
+        )
         assert_close(got, want, torch.float32, "kernel vs torch path")
 
 
@@ -395,8 +456,14 @@ def test_contrastive_kernels_compile(sm, dtype):
     for fn, defaults in kernels:
         constexprs = {k: v for k, v in defaults.items() if k.startswith("BLOCK_")}
         constexprs.update(UPCAST=False, PRECISION=dot_precision(dtype))
-        compiled = compile_for_cuda(fn, _kernel_signature(fn, dtype, constexprs), constexprs, sm,
-                                    num_warps=defaults["num_warps"], num_stages=defaults["num_stages"])
+        compiled = compile_for_cuda(
+            fn,
+            _kernel_signature(fn, dtype, constexprs),
+            constexprs,
+            sm,
+            num_warps=defaults["num_warps"],
+            num_stages=defaults["num_stages"],
+        )
         assert compiled.asm["cubin"], f"{fn.__name__}: empty cubin for sm{sm} {dtype}"
         if sm == 90:  # the GPUs this project is lent; fp32 dZ at these tiles spills a little on sm_80
             spills = ptxas_spill_bytes(compiled, sm)

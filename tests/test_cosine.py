@@ -8,13 +8,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from fastpatchdiv.kernels import INTERPRETER
+from fastpatchdiv.kernels.cosine import _triangle_row
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastpatchdiv
 from fastpatchdiv import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
-from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels.cosine import _triangle_row
 from fastpatchdiv.reference import cosine_loss_reference
 from tests.helpers import KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
 
@@ -290,13 +290,20 @@ MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_torch_path_memory_is_not_n_squared():
     n, d = 16384, 64
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d)],
-                         capture_output=True, text=True, timeout=600, env={"TRITON_INTERPRET": "0", **_env()})
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"TRITON_INTERPRET": "0", **_env()},
+    )
     assert out.returncode == 0, out.stderr
     growth = int(out.stdout.strip().splitlines()[-1])
     one_nxn = n * n * 4  # 1 GiB
     # Tokens, x̂, the gradient and a few 1024 x 1024 tiles: tens of MiB.
-    assert growth < one_nxn / 8, f"peak RSS grew by {growth / 2**20:.0f} MiB, an N x N fp32 is {one_nxn / 2**20:.0f} MiB"
+    assert growth < one_nxn / 8, (
+        f"peak RSS grew by {growth / 2**20:.0f} MiB, an N x N fp32 is {one_nxn / 2**20:.0f} MiB"
+    )
 
 
 def _env():
@@ -337,15 +344,36 @@ def test_kernels_compile_for_cuda(arch, dtype, d):
     ints = {"N": "i32", "D": "i32"}
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
     builds = {
-        "normalize": (k._normalize_kernel, {"x_ptr": ptr, "xhat_ptr": ptr, "norm_ptr": "*fp32", **ints, **strides},
-                      {"EPS": k.EPS, "BLOCK_M": blk.norm_m, "BLOCK_D": blk.norm_d}),
-        "forward": (k._cosine_fwd_kernel, {"xhat_ptr": ptr, "partial_ptr": "*fp32", **ints, "NUM_TILES": "i32"},
-                    {"BLOCK": blk.fwd, "BLOCK_K": blk.fwd_k, "PRECISION": prec, "UPCAST": False}),
-        "backward": (k._cosine_bwd_kernel,
-                     {"x_ptr": ptr, "xhat_ptr": ptr, "norm_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": ptr,
-                      **ints, **strides},
-                     {"EPS": k.EPS, "BLOCK_M": blk.bwd_m, "BLOCK_N": blk.bwd_n, "BLOCK_D": blk.bwd_d,
-                      "PRECISION": prec, "UPCAST": False}),
+        "normalize": (
+            k._normalize_kernel,
+            {"x_ptr": ptr, "xhat_ptr": ptr, "norm_ptr": "*fp32", **ints, **strides},
+            {"EPS": k.EPS, "BLOCK_M": blk.norm_m, "BLOCK_D": blk.norm_d},
+        ),
+        "forward": (
+            k._cosine_fwd_kernel,
+            {"xhat_ptr": ptr, "partial_ptr": "*fp32", **ints, "NUM_TILES": "i32"},
+            {"BLOCK": blk.fwd, "BLOCK_K": blk.fwd_k, "PRECISION": prec, "UPCAST": False},
+        ),
+        "backward": (
+            k._cosine_bwd_kernel,
+            {
+                "x_ptr": ptr,
+                "xhat_ptr": ptr,
+                "norm_ptr": "*fp32",
+                "scale_ptr": "*fp32",
+                "dx_ptr": ptr,
+                **ints,
+                **strides,
+            },
+            {
+                "EPS": k.EPS,
+                "BLOCK_M": blk.bwd_m,
+                "BLOCK_N": blk.bwd_n,
+                "BLOCK_D": blk.bwd_d,
+                "PRECISION": prec,
+                "UPCAST": False,
+            },
+        ),
     }
     for name, (fn, sig, consts) in builds.items():
         compiled = compile_for_cuda(fn, sig, consts, arch, num_warps=blk.num_warps, num_stages=blk.num_stages)
