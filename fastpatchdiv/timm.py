@@ -240,7 +240,7 @@ class PatchDiversity(nn.Module):
     has none. The attached model is not a submodule: ``div.parameters()`` never lists the model's.
     """
 
-    def __init__(self, model: nn.Module, recorder: _Recorder, handles: list, options: dict):
+    def __init__(self, recorder: _Recorder, handles: list, options: dict):
         super().__init__()
         self._recorder = recorder
         self._handles = handles
@@ -255,6 +255,7 @@ class PatchDiversity(nn.Module):
 
     @property
     def weights(self) -> dict[str, float]:
+        """The weights given to attach(), by loss name (the keys of ``losses()``)."""
         return {"cosine": self._options["cosine_weight"], "contrastive": self._options["contrastive_weight"]}
 
     def _take(self) -> dict:
@@ -301,16 +302,23 @@ class PatchDiversity(nn.Module):
         self._check_unchanged(rec, "last")
         last = rec["last"][:, self._recorder.num_prefix_tokens :]
         if (
-            rec["grad_enabled"]
+            torch.is_grad_enabled()
             and not last.requires_grad
             and any(p.requires_grad for p in self._recorder.root.parameters())
         ):
+            if not rec["grad_enabled"]:
+                raise RuntimeError(
+                    "the latest forward ran without gradients (torch.no_grad, inference_mode, or a reentrant "
+                    "checkpoint around the whole model) but loss() runs with gradients enabled, so the diversity "
+                    "term would silently add no gradient; to only read the values, call loss() under "
+                    "torch.no_grad() too"
+                )
             raise RuntimeError(
                 "the recorded last-layer tokens carry no gradient although the forward ran with gradients "
-                "enabled: a reentrant gradient checkpoint (timm.layers.set_reentrant_ckpt(True) or "
-                "TIMM_REENTRANT_CKPT=1) recomputes the blocks, so a block's output recorded during the "
-                "forward is detached; use last_block=None (the final norm, outside the checkpoints) or "
-                "non-reentrant checkpointing (timm's default)"
+                "enabled: the hooked block ran inside a reentrant gradient checkpoint that spans several blocks "
+                "(its inner outputs are computed without autograd and recomputed in the backward); hook the final "
+                "norm (last_block=None) or the last block of a checkpoint segment, or use non-reentrant "
+                "checkpointing (timm's default)"
             )
         mask = rec.get("mask")
         keep = rec.get("keep")
@@ -577,7 +585,7 @@ def attach(
         "in_eval": in_eval,
         "backend": backend,
     }
-    return PatchDiversity(inner, recorder, handles, options)
+    return PatchDiversity(recorder, handles, options)
 
 
 __all__ = ["attach", "PatchDiversity", "SUPPORTED_FAMILIES"]

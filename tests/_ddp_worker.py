@@ -1,8 +1,9 @@
 """One rank of tests/test_ddp.py: ``python tests/_ddp_worker.py RANK WORLD_SIZE PORT``.
 
-Builds the same small ViT on every rank, attaches the diversity losses, wraps the model in
-DistributedDataParallel (gloo, CPU, loopback), runs one step on this rank's share of a batch, and checks
-that DDP's averaged gradients equal a single-process step on the whole batch. Prints "rank R: ok".
+Builds the same small ViT on every rank, attaches the diversity losses (before wrapping on rank 0, to
+the DDP wrapper on rank 1), runs one DistributedDataParallel step (gloo, CPU, loopback) on this rank's
+share of a batch, and checks that DDP's averaged gradients equal a single-process step on the whole
+batch. Prints "rank R: ok".
 """
 
 import sys
@@ -45,8 +46,13 @@ def main() -> None:
     step(single, fastpatchdiv.timm.attach(single, **OPTIONS), images, targets)
 
     model = build()
-    ddp = DistributedDataParallel(model)
-    div = fastpatchdiv.timm.attach(ddp, **OPTIONS)  # the wrapper: the hooks go on ddp.module
+    if rank == 0:  # attach before wrapping on one rank, to the DDP wrapper (hooks go on .module) on the other
+        div = fastpatchdiv.timm.attach(model, **OPTIONS)
+        ddp = DistributedDataParallel(model)
+    else:
+        ddp = DistributedDataParallel(model)
+        div = fastpatchdiv.timm.attach(ddp, **OPTIONS)
+    assert div.model is model
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     step(ddp, div, images[mine], targets[mine])
 

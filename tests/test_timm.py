@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 pytest.importorskip("timm")
@@ -266,6 +267,21 @@ def test_grad_checkpointing_gives_the_same_gradients(last_block, reentrant):
     assert set(ckpt) == set(plain)
     for name, g in plain.items():
         assert_close(ckpt[name], g, F32, f"checkpointed d/d{name}")
+
+
+def test_a_forward_without_gradients_is_not_silently_used_for_training():
+    model, x = _model("vit")
+    with fpt.attach(model) as div:
+        with torch.no_grad():
+            model(x)
+            assert div.loss().isfinite()  # reading the values under no_grad is fine
+            model(x)
+        with pytest.raises(RuntimeError, match="without gradients"):
+            div.loss()
+        # A reentrant checkpoint around the whole model runs its forward without autograd as well.
+        torch.utils.checkpoint.checkpoint(model, x.requires_grad_(), use_reentrant=True)
+        with pytest.raises(RuntimeError, match="without gradients"):
+            div.loss()
 
 
 def test_autocast_bf16_gives_an_fp32_loss_of_the_autocast_tokens():
