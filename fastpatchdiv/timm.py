@@ -104,12 +104,13 @@ class _Recorder:
     this recorder (``__deepcopy__`` returns it), which ignores every call made by the copy.
     """
 
-    def __init__(self, root: nn.Module, num_prefix_tokens: int, in_eval: bool, keep_first: bool, naflex: bool):
+    def __init__(self, root: nn.Module, num_prefix_tokens: int, in_eval: bool, keep_first: bool):
         self.root = root
         self.num_prefix_tokens = num_prefix_tokens
         self.in_eval = in_eval
         self.keep_first = keep_first
-        self.naflex = naflex
+        self.problem = ""
+        self.last_name = "model.norm"
         self.stack: list[bool] = []  # one entry per root call in flight: is it being recorded
         self.pending: dict | None = None
         self.latest: dict | None = None
@@ -148,12 +149,11 @@ class _Recorder:
             # guard on the hooks of submodules) or a forward that skips the hooked modules.
             self.latest, self.status = None, "incomplete"
             return
-        for what, n in rec["calls"].items():
-            if n != 1:
-                raise RuntimeError(
-                    f"fastpatchdiv.timm: {what} ran {n} times in one forward of {type(module).__name__}; "
-                    "attach() expects one call per forward"
-                )
+        repeated = {what: n for what, n in rec["calls"].items() if n != 1}
+        if repeated:  # reported by loss(), not here: the trainer's own forward should not fail
+            self.latest, self.status = None, "repeated"
+            self.problem = f"{', '.join(f'{k} ran {n} times' for k, n in repeated.items())} in one forward"
+            return
         self.latest, self.status = rec, "fresh"
 
     # -- token sources ----------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class _Recorder:
         rec = self.pending
         if rec is None:
             return
-        self._count(rec, "patch_embed")
+        self._count(rec, "model.patch_embed")
         x = output
         if x.dim() == 4:
             if str(getattr(getattr(module, "output_fmt", None), "value", "NHWC")) == "NCHW":
@@ -204,7 +204,7 @@ class _Recorder:
         rec = self.pending
         if rec is None:
             return
-        self._count(rec, "embeds.norm")
+        self._count(rec, "model.embeds.norm")
         if self.keep_first:
             # NaFlexEmbeds adds the position embedding to this very tensor in place: keep a copy.
             rec["first"] = output.clone()
@@ -221,7 +221,7 @@ class _Recorder:
         rec = self.pending
         if rec is None:
             return
-        self._count(rec, "last")
+        self._count(rec, self.last_name)
         x = output[0] if isinstance(output, (tuple, list)) else output
         # The prefix tokens are sliced off in loss(), not here: a reentrant checkpoint turns this very tensor
         # into its autograd output only after the hook ran, and a view taken now would miss that.
@@ -281,6 +281,11 @@ class PatchDiversity(nn.Module):
                 "The usual cause: the model was compiled and run before attach(), and torch.compile does not "
                 "see hooks added to submodules later. Attach before torch.compile (or call "
                 "torch._dynamo.reset() after attach)"
+            )
+        if rec.status == "repeated":
+            raise RuntimeError(
+                f"the latest forward of the {type(rec.root).__name__} is not one attach() understands: "
+                f"{rec.problem} (expected once); use the functional API for this model"
             )
         raise RuntimeError(
             f"no forward of the {type(rec.root).__name__} has been recorded since attach(): call model(images) "
@@ -555,7 +560,7 @@ def attach(
 
     naflex = family == "NaFlexVit"
     keep_first = contrastive_weight > 0
-    recorder = _Recorder(inner, int(inner.num_prefix_tokens), in_eval, keep_first, naflex)
+    recorder = _Recorder(inner, int(inner.num_prefix_tokens), in_eval, keep_first)
     handles = [
         inner.register_forward_pre_hook(recorder.root_pre),
         inner.register_forward_hook(recorder.root_post, always_call=True),
@@ -570,6 +575,7 @@ def attach(
     if isinstance(patch_drop, nn.Module):
         handles.append(patch_drop.register_forward_hook(recorder.patch_drop_post))
     last_module = inner.norm if last_block is None else blocks[last_block]
+    recorder.last_name = "model.norm" if last_block is None else f"model.blocks[{last_block}]"
     handles.append(last_module.register_forward_hook(recorder.last_post))
 
     options = {

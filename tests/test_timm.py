@@ -355,6 +355,19 @@ def test_one_zero_weight_skips_that_loss():
         assert_close(loss, 2.0 * div.losses()["contrastive"], F32, "contrastive only")
 
 
+def test_a_forward_that_calls_the_norm_twice_is_reported_by_loss():
+    model, x = _model("vit")
+    forward_features = model.forward_features
+    with fpt.attach(model) as div:
+        model.forward_features = lambda t, **kw: model.norm(forward_features(t, **kw))  # a second norm call
+        try:
+            model(x)  # the trainer's forward itself does not fail
+        finally:
+            del model.forward_features
+        with pytest.raises(RuntimeError, match=r"model\.norm ran 2 times in one forward"):
+            div.loss()
+
+
 def test_eva_patch_dropout_pairs_the_kept_patches():
     torch.manual_seed(0)
     model = Eva(img_size=32, patch_drop_rate=0.5, **SMALL).train()
