@@ -348,16 +348,10 @@ class PatchDiversity(nn.Module):
                 first = rec["first"]
                 if keep is not None:
                     first = first.gather(1, keep.unsqueeze(-1).expand(-1, -1, first.shape[-1]))
-                # TODO(main): drop this cast once the losses promote mixed dtypes themselves (under
-                # autocast the patch embedding is bf16/fp16 while the final LayerNorm is fp32).
-                if first.dtype != last.dtype:
-                    common_dtype = torch.promote_types(first.dtype, last.dtype)
-                    first, last_c = first.to(common_dtype), last.to(common_dtype)
-                else:
-                    last_c = last
+                # Under autocast first may be bf16/fp16 and last fp32: the loss promotes them to the wider one.
                 parts["contrastive"] = patch_contrastive_loss(
                     first,
-                    last_c,
+                    last,
                     temperature=opt["temperature"],
                     normalize=opt["normalize"],
                     negatives=opt["negatives"],

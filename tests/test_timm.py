@@ -196,13 +196,6 @@ def _naflex_batch(sizes, patch=8):
     return patches, coord, valid
 
 
-def _naflex_mask_landed() -> bool:
-    import inspect
-
-    return "mask" in inspect.signature(patch_contrastive_loss).parameters
-
-
-@pytest.mark.xfail(not _naflex_mask_landed(), strict=False, reason="needs mask support from main")
 @pytest.mark.parametrize("negatives", ["mean", "all"])
 def test_naflexvit_variable_size_batch_uses_patch_valid(negatives):
     model, _ = _model("naflexvit")
