@@ -202,11 +202,15 @@ def test_naflexvit_variable_size_batch_uses_patch_valid(negatives):
     patches, coord, valid = _naflex_batch([(32, 48), (24, 16), (40, 40)])  # 24, 6, 25 patches of 25
     opts = dict(LOSS_OPTIONS, negatives=negatives)
     div = fpt.attach(model, cosine_weight=1.0, contrastive_weight=0.5, **opts)
+    patches.requires_grad_()
     model(patches, patch_coord=coord, patch_valid=valid)
     loss = div.loss()
     loss.backward()
     got_grads = _grads(model)
     div.remove()
+    # Padding reaches neither loss: attention ignores padded keys and the losses skip padded tokens.
+    assert patches.grad[~valid].eq(0).all() and patches.grad[valid].abs().sum() > 0
+    patches = patches.detach()
 
     model.zero_grad()
     first = model.embeds.norm(model.embeds.proj(patches))
