@@ -123,21 +123,27 @@ def no_autocast(device_type: str):
 
 
 def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x̂ = x / max(|x|, eps) per row and |x|, without overflow or underflow in the norm.
+    """x̂ = x / max(|x|, eps) per row and |x|, in x's dtype, without overflow in the norm.
 
-    The norm is taken of x / max_j |x_j| (entries in [-1, 1]), so tokens of 1e20 in fp32 or bf16, whose
-    squares overflow, still normalise exactly. The scale is detached: x̂ does not depend on it, so the
-    gradient is that of x / |x|. A row with a NaN stays NaN. Returns (x̂, |x|) in x's dtype.
+    The plain norm comes first; where a sum of squares overflowed (tokens past ~1e19 in fp32 or bf16),
+    the norm is taken again of x / max_j |x_j| (entries in [-1, 1]) and x̂ = (x / max) / that norm, so
+    tokens of any finite magnitude normalise exactly. The scale is detached: x̂ does not depend on it, so
+    the gradient is that of x / |x|. Underflow needs no care: squares underflow only in rows whose norm
+    is far below eps, which the clamp replaces anyway. A row with a NaN stays NaN.
     """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    xhat = x / norm.clamp_min(EPS)
+    over = torch.isinf(norm)
+    # Compiled graphs take both forms always: a data-dependent branch would break the graph.
+    if not (torch.compiler.is_compiling() or over.any()):
+        return xhat, norm.squeeze(-1)
     scale = x.detach().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(over & (scale > 0), scale, torch.ones_like(scale))
     xs = x / scale
     n = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
-    norm = n * scale
-    big = norm >= EPS
-    # Each branch divides by something nonzero, so the branch where() drops has a finite gradient.
-    xhat = torch.where(big, xs / torch.where(big, n, torch.ones_like(n)), x / EPS)
-    return xhat, norm.squeeze(-1)
+    # Only the overflowed rows change, and their norm is >= 1 in units of their max: no 0/0 either way.
+    xhat = torch.where(over, xs / torch.where(over, n, torch.ones_like(n)), xhat)
+    return xhat, torch.where(over, n * scale, norm).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------- double backward

@@ -41,17 +41,14 @@ _TILE_ELEMENTS = 1 << 22
 
 # ------------------------------------------------------------------------------------- PyTorch path
 def _tile_size(batch: int, n: int) -> int:
+    """Rows of an S tile: the whole image when B·N² fits the budget (one dense tile, no tile overheads),
+    else the largest of 128 .. 1024 whose B x 2t x 2t stays within it."""
+    if batch * n * n <= _TILE_ELEMENTS:
+        return n
     t = 128
     while t < 1024 and batch * (2 * t) ** 2 <= _TILE_ELEMENTS:
         t *= 2
     return min(t, n)
-
-
-def _tiles(n: int, t: int):
-    """Upper-triangle tile pairs (i0, i1, j0, j1) with j0 >= i0."""
-    for i0 in range(0, n, t):
-        for j0 in range(i0, n, t):
-            yield i0, min(i0 + t, n), j0, min(j0 + t, n)
 
 
 def _torch_forward(
@@ -61,40 +58,47 @@ def _torch_forward(
 
     S is symmetric, so only tiles J >= I are formed (N²·D/2 multiply-adds); with ``need_grad`` each tile
     also adds sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²·D more). Done serially, both
-    updates are deterministic without atomics, and the backward is left with an O(N·D) scale.
+    updates are deterministic without atomics, and the backward is left with an O(N·D) scale. G lives
+    in one contiguous buffer per row block: a batched GEMM into a strided slice of a (B, N, D) tensor
+    runs image by image on CPU, several times slower.
     """
     B, N, _ = x.shape
     xhat, norm = normalize_rows(x.to(work_dtype(x.dtype)))
     if mask is not None:
         xhat = xhat.masked_fill(~mask.unsqueeze(-1), 0.0)  # a zero x̂ adds nothing and gets sign(0) = 0
+    t = _tile_size(B, N)
+    starts = range(0, N, t)
+    blocks = [xhat[:, i0 : i0 + t] for i0 in starts]
+    g = [torch.zeros_like(blk) for blk in blocks] if need_grad else None
     total = torch.zeros(B, dtype=torch.float64, device=x.device)
-    g = torch.zeros_like(xhat) if need_grad else None
-    for i0, i1, j0, j1 in _tiles(N, _tile_size(B, N)):
-        xi, xj = xhat[:, i0:i1], xhat[:, j0:j1]
-        s = torch.bmm(xi, xj.transpose(1, 2))
-        diagonal = i0 == j0
-        if diagonal:
-            s.diagonal(dim1=1, dim2=2).zero_()
-        # A row of |S| sums in the tile's dtype; rows and tiles add up in fp64, so the loss keeps fp32's
-        # relative accuracy at any N (a single fp32 sum over the tile lost bits from N ~ 4096).
-        rows = torch.linalg.vector_norm(s, ord=1, dim=2)
-        total += (1 if diagonal else 2) * rows.sum(dim=1, dtype=torch.float64)
-        if need_grad:
-            sgn = s.sign_()
-            g[:, i0:i1].baddbmm_(sgn, xj)
-            if not diagonal:
-                g[:, j0:j1].baddbmm_(sgn.transpose(1, 2), xi)
+    for i, xi in enumerate(blocks):
+        for j in range(i, len(blocks)):
+            xj = blocks[j]
+            s = torch.bmm(xi, xj.transpose(1, 2))
+            if i == j:
+                s.diagonal(dim1=1, dim2=2).zero_()
+            # A row of |S| sums in the tile's dtype; rows and tiles add up in fp64, so the loss keeps
+            # fp32's relative accuracy at any N (one fp32 sum over all tiles lost bits from N ~ 4096).
+            rows = torch.linalg.vector_norm(s, ord=1, dim=2)
+            total += (1 if i == j else 2) * rows.sum(dim=1, dtype=torch.float64)
+            if need_grad:
+                sgn = s.sign_()
+                g[i].baddbmm_(sgn, xj)
+                if i != j:
+                    g[j].baddbmm_(sgn.transpose(1, 2), xi)
     c = pair_scale(mask, B, N, x.device)
     loss = (total * c).to(xhat.dtype)
     if not need_grad:
         return loss, None
-    g *= (2 * c).to(g.dtype).view(-1, 1, 1)
-    # Back through x̂ = x / max(|x|, eps): the part of g along x̂ is the norm's; clamped rows scale by 1/eps.
-    norm = norm.unsqueeze(-1)
-    proj = (g * xhat).sum(dim=-1, keepdim=True)
-    dx = torch.where(norm < EPS, g, g - proj * xhat) / norm.clamp_min(EPS)
+    g = g[0] if len(g) == 1 else torch.cat(g, dim=1)
+    # Back through x̂ = x / max(|x|, eps): dx = 2c (g − (g·x̂) x̂) / |x|, or 2c g / eps where the norm was
+    # clamped. Three passes over (B, N, D): the projection, one fused multiply-subtract, one scale.
+    clamped = norm < EPS
+    proj = torch.linalg.vecdot(g, xhat).masked_fill_(clamped, 0.0)
+    factor = (2 * c).to(g.dtype).unsqueeze(-1) / norm.clamp_min(EPS)
     if mask is not None:
-        dx = dx.masked_fill(~mask.unsqueeze(-1), 0.0)  # exactly 0, whatever a padded token holds
+        factor = factor.masked_fill(~mask, 0.0)  # exactly 0, whatever a padded token holds
+    dx = torch.addcmul(g, proj.unsqueeze(-1), xhat, value=-1.0).mul_(factor.unsqueeze(-1))
     return loss, dx
 
 

@@ -39,12 +39,12 @@ def cosine_loss_reference(x: torch.Tensor, eps: float = EPS, mask: torch.Tensor 
 def contrastive_loss_reference(
     first: torch.Tensor,
     last: torch.Tensor,
-    temperature: float = 1.0,
-    normalize: bool = False,
     negatives: str = "mean",
-    grid: tuple[int, int] | None = None,
-    window: int = 7,
     mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    grid: tuple[int, int] | None = None,
+    normalize: bool = False,
+    window: int = 7,
 ) -> torch.Tensor:
     """Per-image patch-contrastive loss from the full score matrix S = A Zᵀ / τ, (B, N, D) x2 -> (B,).
 

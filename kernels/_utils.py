@@ -35,6 +35,11 @@ def upcast_loads(dtype: torch.dtype) -> bool:
     return INTERPRETER and dtype == torch.bfloat16
 
 
+def compile_options(dtype: torch.dtype, num_warps: int, num_stages: int) -> dict:
+    """The launch keywords every tile kernel takes: dot precision, interpreter upcast, warps, stages."""
+    return dict(PRECISION=dot_precision(dtype), UPCAST=upcast_loads(dtype), num_warps=num_warps, num_stages=num_stages)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, dot_precision, upcast_loads
+from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, compile_options
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -41,17 +41,20 @@ MASKED_LOGIT = tl.constexpr(-3.0e38)
 
 
 @triton.jit
+def _block_rows(base, start, stride_n, N, BLOCK: tl.constexpr):
+    """Rows start .. start + BLOCK of one image: (indices, in-range mask, (BLOCK, 1) row pointers)."""
+    rows = start + tl.arange(0, BLOCK)
+    return rows, rows < N, base + rows[:, None] * stride_n
+
+
+@triton.jit
 def _score_tile(
-    x_base,
-    y_base,
-    rows_x,
-    rows_y,
+    x_rows,
+    y_rows,
     x_ok,
     y_ok,
     D,
-    stride_xn,
     stride_xd,
-    stride_yn,
     stride_yd,
     BLOCK_X: tl.constexpr,
     BLOCK_Y: tl.constexpr,
@@ -59,21 +62,14 @@ def _score_tile(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """X_rows Y_rowsᵀ for one (BLOCK_X, BLOCK_Y) tile, fp32, looping over the features in BLOCK_K chunks."""
+    """X Yᵀ for one (BLOCK_X, BLOCK_Y) tile in fp32, over the features in BLOCK_K chunks; ``x_rows`` and
+    ``y_rows`` are (BLOCK, 1) pointers to each row's first feature."""
     acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        x = tl.load(
-            x_base + rows_x[:, None] * stride_xn + ks[None, :] * stride_xd,
-            mask=x_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            y_base + rows_y[:, None] * stride_yn + ks[None, :] * stride_yd,
-            mask=y_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        x = tl.load(x_rows + ks[None, :] * stride_xd, mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(y_rows + ks[None, :] * stride_yd, mask=y_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
@@ -106,37 +102,18 @@ def _contrastive_all_fwd_kernel(
 ):
     """Grid (cdiv(N, BLOCK_M), B): lse2_i = log2 Σ_j 2^(S_ij·log2 e) and ℓ_i = (lse2_i − S_ii·log2 e)·ln 2."""
     tl.static_assert(BLOCK_M >= MIN_DOT and BLOCK_N >= MIN_DOT and BLOCK_K >= MIN_DOT)
-    pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    a_base = a_ptr + b * stride_ab
+    row_start = tl.program_id(0) * BLOCK_M
+    rows, row_ok, a_rows = _block_rows(a_ptr + b * stride_ab, row_start, stride_an, N, BLOCK_M)
     z_base = z_ptr + b * stride_zb
-    row_start = pid_m * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for col_start in range(0, N, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        cols, col_ok, z_rows = _block_rows(z_base, col_start, stride_zn, N, BLOCK_N)
         s = _score_tile(
-            a_base,
-            z_base,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            D,
-            stride_an,
-            stride_ad,
-            stride_zn,
-            stride_zd,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
+            a_rows, z_rows, row_ok, col_ok, D, stride_ad, stride_zd, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
         )
         s = s * scale_log2
         if HAS_MASK:
@@ -185,40 +162,20 @@ def _contrastive_all_bwd_kernel(
     """Grid (cdiv(N, BLOCK_X), cdiv(D, BLOCK_DV), B): out_I = coef_b · Σ_J (T_IJ − I_IJ) Y_J with T = P for
     dA (X = A, Y = Z, lse on X's rows) and T = Pᵀ for dZ (X = Z, Y = A, ``LSE_ON_Y``), coef_b = g_b/(N_b τ)."""
     tl.static_assert(BLOCK_X >= MIN_DOT and BLOCK_Y >= MIN_DOT and BLOCK_K >= MIN_DOT and BLOCK_DV >= MIN_DOT)
-    pid_x = tl.program_id(0)
-    pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    x_base = x_ptr + b * stride_xb
+    rows_x, x_ok, x_rows = _block_rows(x_ptr + b * stride_xb, tl.program_id(0) * BLOCK_X, stride_xn, N, BLOCK_X)
     y_base = y_ptr + b * stride_yb
-    rows_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
-    x_ok = rows_x < N
-    dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = dv < D
+    acc = tl.zeros((BLOCK_X, BLOCK_DV), dtype=tl.float32)
     if not LSE_ON_Y:
         # Padded rows get lse = +inf, so their P is exactly 0.
         lse_x = tl.load(lse2_ptr + b * N + rows_x, mask=x_ok, other=float("inf"))
 
-    acc = tl.zeros((BLOCK_X, BLOCK_DV), dtype=tl.float32)
     for y_start in range(0, N, BLOCK_Y):
-        rows_y = y_start + tl.arange(0, BLOCK_Y)
-        y_ok = rows_y < N
+        rows_y, y_ok, y_rows = _block_rows(y_base, y_start, stride_yn, N, BLOCK_Y)
         s = _score_tile(
-            x_base,
-            y_base,
-            rows_x,
-            rows_y,
-            x_ok,
-            y_ok,
-            D,
-            stride_xn,
-            stride_xd,
-            stride_yn,
-            stride_yd,
-            BLOCK_X,
-            BLOCK_Y,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
+            x_rows, y_rows, x_ok, y_ok, D, stride_xd, stride_yd, BLOCK_X, BLOCK_Y, BLOCK_K, UPCAST, PRECISION
         )
         if LSE_ON_Y:
             lse_y = tl.load(lse2_ptr + b * N + rows_y, mask=y_ok, other=float("inf"))
@@ -228,7 +185,7 @@ def _contrastive_all_bwd_kernel(
         ds = tl.where(rows_x[:, None] == rows_y[None, :], p - 1.0, p)
         # Padded Y rows load as 0, so whatever their P is adds nothing.
         y_v = tl.load(
-            y_base + rows_y[:, None] * stride_yn + dv[None, :] * stride_yd,
+            y_rows + dv[None, :] * stride_yd,
             mask=y_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
@@ -312,29 +269,11 @@ def contrastive_all_forward(
     blk = _launch_blocks(a)
     lse2 = torch.empty((B, N), device=a.device, dtype=torch.float32)
     loss = torch.empty((B, N), device=a.device, dtype=torch.float32)
+    mask_arg = mask.contiguous() if mask is not None else lse2  # any pointer: HAS_MASK=False never reads it
+    tiles = dict(HAS_MASK=mask is not None, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k)
+    options = compile_options(a.dtype, blk.num_warps, blk.fwd_stages)
     _contrastive_all_fwd_kernel[(triton.cdiv(N, blk.block_m), B)](
-        a,
-        z,
-        mask.contiguous() if mask is not None else lse2,
-        lse2,
-        loss,
-        N,
-        D,
-        a.stride(0),
-        a.stride(1),
-        a.stride(2),
-        z.stride(0),
-        z.stride(1),
-        z.stride(2),
-        LOG2E / temperature,
-        HAS_MASK=mask is not None,
-        BLOCK_M=blk.block_m,
-        BLOCK_N=blk.block_n,
-        BLOCK_K=blk.block_k,
-        UPCAST=upcast_loads(a.dtype),
-        PRECISION=dot_precision(a.dtype),
-        num_warps=blk.num_warps,
-        num_stages=blk.fwd_stages,
+        a, z, mask_arg, lse2, loss, N, D, *a.stride(), *z.stride(), LOG2E / temperature, **tiles, **options
     )
     return lse2, loss
 
@@ -357,6 +296,7 @@ def contrastive_all_backward(
     B, N, D = a.shape
     blk = _launch_blocks(a)
     coef = coef.to(device=a.device, dtype=torch.float32).contiguous()
+    options = compile_options(a.dtype, blk.num_warps, blk.bwd_stages)
     grads = []
     # dA: X = A owns rows i; dZ: X = Z owns columns j and the lse belongs to the streamed A rows.
     for needed, x, y, lse_on_y in ((need_a, a, z, False), (need_z, z, a, True)):
@@ -364,7 +304,11 @@ def contrastive_all_backward(
             grads.append(None)
             continue
         out = torch.empty((B, N, D), device=a.device, dtype=a.dtype)
-        _contrastive_all_bwd_kernel[(triton.cdiv(N, blk.bwd_own), triton.cdiv(D, blk.block_dv), B)](
+        tiles = dict(
+            LSE_ON_Y=lse_on_y, BLOCK_X=blk.bwd_own, BLOCK_Y=blk.bwd_stream, BLOCK_K=blk.block_k, BLOCK_DV=blk.block_dv
+        )
+        grid = (triton.cdiv(N, blk.bwd_own), triton.cdiv(D, blk.block_dv), B)
+        _contrastive_all_bwd_kernel[grid](
             x,
             y,
             lse2,
@@ -372,25 +316,12 @@ def contrastive_all_backward(
             out,
             N,
             D,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            y.stride(0),
-            y.stride(1),
-            y.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
+            *x.stride(),
+            *y.stride(),
+            *out.stride(),
             LOG2E / temperature,
-            LSE_ON_Y=lse_on_y,
-            BLOCK_X=blk.bwd_own,
-            BLOCK_Y=blk.bwd_stream,
-            BLOCK_K=blk.block_k,
-            BLOCK_DV=blk.block_dv,
-            UPCAST=upcast_loads(a.dtype),
-            PRECISION=dot_precision(a.dtype),
-            num_warps=blk.num_warps,
-            num_stages=blk.bwd_stages,
+            **tiles,
+            **options,
         )
         grads.append(out)
     return grads[0], grads[1]

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, dot_precision, num_programs_cap, upcast_loads
+from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, compile_options, num_programs_cap
 
 EPS = 1e-12
 
@@ -261,7 +261,9 @@ def pick_blocks(n: int, d: int, dtype: torch.dtype, interpreter: bool = INTERPRE
     )
 
 
-def cosine_forward(x: torch.Tensor, mask: torch.Tensor | None = None):
+def cosine_forward(
+    x: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (B, N, D) fp32/fp16/bf16, any strides, CUDA or CPU under the interpreter; mask: (B, N) bool or None.
 
     Returns (Σ_{i≠j} |S_ij| per image (B,) fp64, xhat (B, N, D) contiguous in x.dtype, norm (B, N) fp32).
@@ -272,72 +274,31 @@ def cosine_forward(x: torch.Tensor, mask: torch.Tensor | None = None):
     xhat = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     norm = torch.empty((B, N), dtype=torch.float32, device=x.device)
     mask_arg = mask.contiguous() if mask is not None else norm  # any pointer: HAS_MASK=False never reads it
+    tiles = dict(BLOCK_M=blk.norm_m, BLOCK_D=blk.norm_d)
     _normalize_kernel[(triton.cdiv(N, blk.norm_m), B)](
-        x,
-        mask_arg,
-        xhat,
-        norm,
-        N,
-        D,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        HAS_MASK=mask is not None,
-        EPS=EPS,
-        BLOCK_M=blk.norm_m,
-        BLOCK_D=blk.norm_d,
+        x, mask_arg, xhat, norm, N, D, *x.stride(), HAS_MASK=mask is not None, EPS=EPS, **tiles
     )
     nb = triton.cdiv(N, blk.fwd)
     num_tiles = nb * (nb + 1) // 2
     progs = max(1, min(num_tiles, triton.cdiv(num_programs_cap(x.device), B)))
     partial = torch.empty((B, progs), dtype=torch.float64, device=x.device)
-    _cosine_fwd_kernel[(progs, B)](
-        xhat,
-        partial,
-        N,
-        D,
-        num_tiles,
-        BLOCK=blk.fwd,
-        BLOCK_K=blk.fwd_k,
-        PRECISION=dot_precision(x.dtype),
-        UPCAST=upcast_loads(x.dtype),
-        num_warps=blk.num_warps,
-        num_stages=blk.num_stages,
-    )
+    options = compile_options(x.dtype, blk.num_warps, blk.num_stages)
+    _cosine_fwd_kernel[(progs, B)](xhat, partial, N, D, num_tiles, BLOCK=blk.fwd, BLOCK_K=blk.fwd_k, **options)
     return partial.sum(dim=1), xhat, norm
 
 
 def cosine_backward(
-    x: torch.Tensor,
-    mask: torch.Tensor | None,
-    xhat: torch.Tensor,
-    norm: torch.Tensor,
-    scale: torch.Tensor,
+    x: torch.Tensor, mask: torch.Tensor | None, xhat: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """dL/dx for L = Σ_b scale_b/2 · Σ_{i≠j} |S_ij| (scale_b = 2 c_b · dL/dloss_b, (B,) fp32); returns a
     contiguous (B, N, D) tensor in x.dtype."""
     B, N, D = x.shape
     blk = pick_blocks(N, D, x.dtype)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    tiles = dict(BLOCK_M=blk.bwd_m, BLOCK_N=blk.bwd_n, BLOCK_D=blk.bwd_d)
+    options = compile_options(x.dtype, blk.num_warps, blk.num_stages)
     _cosine_bwd_kernel[(triton.cdiv(N, blk.bwd_m), B)](
-        x,
-        xhat,
-        norm,
-        scale,
-        dx,
-        N,
-        D,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        EPS=EPS,
-        BLOCK_M=blk.bwd_m,
-        BLOCK_N=blk.bwd_n,
-        BLOCK_D=blk.bwd_d,
-        PRECISION=dot_precision(x.dtype),
-        UPCAST=upcast_loads(x.dtype),
-        num_warps=blk.num_warps,
-        num_stages=blk.num_stages,
+        x, xhat, norm, scale, dx, N, D, *x.stride(), EPS=EPS, **tiles, **options
     )
     if mask is not None:
         # Exactly 0 whatever a padded token holds (NaN, or a magnitude that overflows x / eps).
