@@ -49,34 +49,39 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _torch_cross_entropy_rows_(z, target, valid, label_smoothing: float, write_grad: bool) -> torch.Tensor:
-    """The PyTorch twin of ``kernels.mixing.cross_entropy_rows_``: row losses of ``z`` (m, C) and, with
-    ``write_grad``, dℓ_r/dz_r written over ``z``. Same formulas (see that module's docstring)."""
+def _torch_cross_entropy_rows(z, target, valid, label_smoothing: float, write_grad: bool):
+    """The PyTorch twin of ``kernels.mixing.cross_entropy_rows_``: (row losses, dℓ_r/dz_r or None) of the
+    chunk ``z`` (m, C), same formulas (see that module's docstring). One fused log_softmax gives
+    log p = z − lse; the gradient is formed in that buffer (``z`` itself is left alone)."""
     c = z.shape[1]
     keep_y = 1.0 - label_smoothing
-    lse = torch.logsumexp(z, dim=1)
+    logp = torch.log_softmax(z, dim=1)
     soft = target.is_floating_point()
     if soft:
-        q = target.to(z.dtype)
-        mass = keep_y * q.sum(dim=1) + label_smoothing
-        loss = mass * lse - keep_y * torch.linalg.vecdot(q, z)
+        q = target.to(logp.dtype)
+        loss = torch.linalg.vecdot(q, logp).mul_(-keep_y)
     else:
         # Rows that do not count may hold ignore_index: point them at class 0, their results are masked.
         y = torch.where(valid, target, 0).unsqueeze(1)
-        loss = lse - keep_y * z.gather(1, y).squeeze(1)
+        loss = logp.gather(1, y).squeeze(1).mul_(-keep_y)
     if label_smoothing > 0:
-        loss = loss - (label_smoothing / c) * z.sum(dim=1)
+        loss -= (label_smoothing / c) * logp.sum(dim=1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if write_grad:
-        p = z.sub_(lse.unsqueeze(1)).exp_()
-        if soft:
-            p.mul_(mass.unsqueeze(1)).sub_(q, alpha=keep_y)
-        else:
-            p.scatter_add_(1, y, torch.full_like(y, -keep_y, dtype=p.dtype))
-        if label_smoothing > 0:
-            p.sub_(label_smoothing / c)
-        p.masked_fill_(~valid.unsqueeze(1), 0.0)
-    return loss
+    if not write_grad:
+        return loss, None
+    p = logp.exp_()
+    if soft:
+        mass = keep_y * q.sum(dim=1, keepdim=True) + label_smoothing  # Σ_c q'_c
+        p.mul_(mass).sub_(q, alpha=keep_y)
+    else:
+        p.scatter_add_(1, y, torch.full(y.shape, -keep_y, dtype=p.dtype, device=p.device))
+    if label_smoothing > 0:
+        p.sub_(label_smoothing / c)
+    # Rows that do not count get exact zeros, even where their logits are not finite.
+    skip = (~valid).nonzero().squeeze(1)
+    if skip.numel():
+        p.index_fill_(0, skip, 0.0)
+    return loss, p
 
 
 def _counted(patch_targets: torch.Tensor, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
@@ -141,31 +146,55 @@ def _fused_linear_cross_entropy(
     if want:
         scale = inv_n if grad_scale is None else inv_n * grad_scale.to(acc)
         row_scale = scale.repeat_interleave(N)
+        # One factor for every row (nothing ignored or masked): it rides on the dW GEMM as alpha and spares
+        # a (rows x D) pass a chunk. One host sync.
+        same = M > 0 and bool((row_scale == row_scale[0]).all())
+        scale0 = float(row_scale[0]) if same else None
     row_loss = torch.empty(M, dtype=acc, device=tokens.device)
     dtokens = torch.empty(M, D, dtype=tokens.dtype, device=tokens.device) if need_tokens else None
     dweight = torch.zeros(C, D, dtype=acc, device=tokens.device) if need_weight else None
     dbias = torch.zeros(C, dtype=acc, device=tokens.device) if need_bias else None
     if backend == "triton":
         from fastpatchdiv.kernels.mixing import cross_entropy_rows_
+
+        def cross_entropy_rows(z, t, v, eps, write_grad):
+            return cross_entropy_rows_(z, t, v, eps, write_grad), z  # the gradient overwrites z
+
     else:
-        cross_entropy_rows_ = _torch_cross_entropy_rows_
+        cross_entropy_rows = _torch_cross_entropy_rows
 
     step = _chunk_rows(M, D, C, backend)
     for r0 in range(0, M, step):
         r1 = min(r0 + step, M)
         hc = h[r0:r1].to(compute)
         z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
-        row_loss[r0:r1] = cross_entropy_rows_(z, t[r0:r1], v[r0:r1], label_smoothing, want)
+        row_loss[r0:r1], g = cross_entropy_rows(z, t[r0:r1], v[r0:r1], label_smoothing, want)
+        del z
         if not want:
             continue
-        # z now holds G = dℓ_r/dz_r, unscaled; each row's factor s_r = s_b/n_b goes on the D-wide side.
+        # g = dℓ_r/dz_r, unscaled: each row's factor s_r = s_b/n_b is applied on the D-wide side.
         s = row_scale[r0:r1].unsqueeze(1)
+        factor = scale0 if scale0 is not None else s
         if need_tokens:
-            dtokens[r0:r1] = torch.mm(z, w).to(acc) * s
+            out = dtokens[r0:r1]
+            # mm, then scale: an addmm with beta=0 into ``out`` measured 2x slower on CPU.
+            if out.dtype == compute:
+                torch.mm(g, w, out=out).mul_(factor)
+            else:
+                out.copy_(torch.mm(g, w).mul_(factor))
         if need_weight:
-            dweight += torch.mm(z.t(), (hc.to(acc) * s).to(compute))
+            rhs, alpha = (hc, scale0) if scale0 is not None else (torch.mul(hc, s).to(compute), 1.0)
+            if dweight.dtype == compute:
+                dweight.addmm_(g.t(), rhs, alpha=alpha)
+            else:
+                dweight.add_(torch.mm(g.t(), rhs), alpha=alpha)
         if need_bias:
-            dbias += torch.mv(z.t(), s.squeeze(1).to(compute))
+            # Σ_r s_r g_r as a GEMV: a column sum of g measured 30x slower on CPU.
+            if dbias.dtype == compute:
+                dbias.addmv_(g.t(), s.squeeze(1))
+            else:
+                dbias += torch.mv(g.t(), s.squeeze(1).to(compute))
+        del g
     loss = row_loss.view(B, N).sum(dim=1) * inv_n
     return loss, dtokens, dweight, dbias
 
@@ -323,8 +352,9 @@ def _refuse_double_backward(backward):
 class PatchMixingFunction(torch.autograd.Function):
     """Per-image patch mixing losses (B,) of ``mode="patch"``; checks happen in :func:`patch_mixing_loss`.
 
-    ``apply(tokens (B, N, D), weight (C, D), bias (C,) or None, patch_targets, mask, label_smoothing,
-    ignore_index, backend, uniform_grad, grad_enabled)``, tokens/weight/bias of one dtype, targets int64.
+    ``apply(tokens (B, N, D), weight (C, D), bias (C,) or None, patch_targets, mask=None, label_smoothing=0.0,
+    ignore_index=-100, backend="auto", uniform_grad=False, grad_enabled=True)``: tokens, weight and bias of
+    one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool.
     With ``uniform_grad`` (reduction "mean"/"sum": every image's loss gets the same factor) the forward
     also forms the gradients, for a unit factor per image, and the backward only scales them: dtokens per
     image by grad_output[b], dweight and dbias by grad_output[0]. Only pass it when the (B,) output is
@@ -341,13 +371,14 @@ class PatchMixingFunction(torch.autograd.Function):
         weight,
         bias,
         patch_targets,
-        mask,
+        mask=None,
         label_smoothing=0.0,
         ignore_index=-100,
-        backend="torch",
+        backend="auto",
         uniform_grad=False,
         grad_enabled=True,
     ):
+        backend = pick_backend(tokens, backend)
         need = ctx.needs_input_grad
         ctx.need = (
             bool(grad_enabled and need[0]),

@@ -297,7 +297,12 @@ def test_region_with_one_region_is_pooled_cross_entropy():
 
 # ------------------------------------------------------------------------------------------ bad input
 def _bad_cases():
-    t, w, b, y = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(3), torch.randint(0, 3, (2, 5))
+    t, w, b, y = (
+        torch.randn(2, 5, 4),
+        torch.randn(3, 4),
+        torch.randn(3),
+        torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]]),
+    )
     return [
         (([1.0], w, b, y), {}, TypeError, "tokens must be a torch.Tensor"),
         ((t.long(), w, b, y), {}, TypeError, "floating dtype"),
@@ -308,7 +313,7 @@ def _bad_cases():
         ((t, w, b, y[:, :4]), {}, ValueError, r"must have shape \(2, 5\)"),
         ((t, w, b, torch.rand(2, 5, 4)), {}, ValueError, r"soft patch_targets must have shape \(2, 5, 3\)"),
         ((t, w, b, y.bool()), {}, TypeError, "class indices or float probabilities"),
-        ((t, w, b, y + 3), {}, ValueError, r"class indices in \[0, 3\) or ignore_index=-100; got 3"),
+        ((t, w, b, y + 3), {}, ValueError, r"class indices in \[0, 3\) or ignore_index=-100; got 3 at \(0, 0\)"),
         ((t, w, b, y - 5), {"mode": "region"}, ValueError, r"class indices in \[0, 3\)"),
         ((t, w, b, torch.rand(2, 5, 3, requires_grad=True)), {}, ValueError, "must not require grad"),
         ((t, w, b, y), {"mask": torch.ones(2, 5)}, ValueError, "mask must be None or a bool tensor"),
@@ -453,3 +458,16 @@ def test_kernel_compiles_for_cuda(arch, dtype, C, soft):
     assert compiled.asm.get("ptx") and compiled.asm.get("cubin")
     spills = ptxas_spill_bytes(compiled, arch)
     assert spills in (0, None), f"{spills} bytes of register spills at {blk}"
+
+
+def test_readme_mixing_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "cutmix_patches" in b)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    loss, mixing_loss = namespace["loss"], namespace["mixing"]
+    assert loss.ndim == 0 and loss.isfinite()
+    assert mixing_loss.head.weight.grad is not None
