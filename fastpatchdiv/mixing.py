@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastpatchdiv._common import check_reduction, pick_backend, reduce_images
+from fastpatchdiv._common import (
+    check_backend,
+    check_mask,
+    check_reduction,
+    no_autocast,
+    pick_backend,
+    reduce_images,
+    work_dtype,
+)
 
 MODES = ("patch", "region")
 
@@ -38,10 +46,6 @@ def _chunk_rows(m: int, d: int, c: int, backend: str) -> int:
     if backend == "torch":
         rows = min(rows, _TORCH_MAX_CHUNK_ROWS)
     return max(1, min(rows, m))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ def _fused_linear_cross_entropy(
     B, N, D = tokens.shape
     C = weight.shape[0]
     M = B * N
-    acc = _acc_dtype(tokens.dtype)
+    acc = work_dtype(tokens.dtype)
     compute = tokens.dtype if backend == "triton" else acc
     soft = targets.is_floating_point()
     valid = _counted(targets, mask, ignore_index)
@@ -220,7 +224,7 @@ def _mixing_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss (B,), dtokens (B, N, D), dweight (C, D), dbias (C,)) for unit per-image factors; a gradient not
     asked for comes back as an empty (0,) tensor. Loss and dweight/dbias in fp32 (fp64 for fp64)."""
-    with torch.autocast(tokens.device.type, enabled=False):
+    with no_autocast(tokens.device.type):
         loss, dt, dw, db = _fused_linear_cross_entropy(
             tokens,
             weight,
@@ -235,7 +239,7 @@ def _mixing_forward_op(
             need_weight,
             need_bias,
         )
-    acc = _acc_dtype(tokens.dtype)
+    acc = work_dtype(tokens.dtype)
     return (
         loss,
         dt.view(tokens.shape) if dt is not None else tokens.new_empty(0),
@@ -258,7 +262,7 @@ def _(
     need_weight,
     need_bias,
 ):
-    acc = _acc_dtype(tokens.dtype)
+    acc = work_dtype(tokens.dtype)
     c, d = weight.shape
     return (
         tokens.new_empty(tokens.shape[0], dtype=acc),
@@ -286,7 +290,7 @@ def _mixing_backward_op(
     """Gradients of Σ_b grad_per_image[b] · loss_b by recomputing the chunks, each in its input's dtype; a
     gradient not asked for comes back as an empty (0,) tensor. The path of reduction="none", where each
     image's factor must reach every row before the rows are summed into dW and db."""
-    with torch.autocast(tokens.device.type, enabled=False):
+    with no_autocast(tokens.device.type):
         _, dt, dw, db = _fused_linear_cross_entropy(
             tokens,
             weight,
@@ -437,7 +441,7 @@ class PatchMixingFunction(torch.autograd.Function):
 def _region_loss(tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index):
     """Per-image region losses (B,); see :func:`patch_mixing_loss`. O(B·R·D + R·C) with R regions."""
     B, N, D = tokens.shape
-    acc = _acc_dtype(tokens.dtype)
+    acc = work_dtype(tokens.dtype)
     valid = _counted(patch_targets, mask, ignore_index).reshape(-1)
     soft = patch_targets.is_floating_point()
     if soft:
@@ -511,13 +515,10 @@ def _check_inputs(tokens, weight, bias, patch_targets, mask, label_smoothing, ig
         raise ValueError(f"patch_targets of class indices must have shape {lead}, got {tuple(patch_targets.shape)}")
     if patch_targets.requires_grad:
         raise ValueError("patch_targets must not require grad (the loss gives them no gradient); pass .detach()")
-    mask_ok = mask is None or (
-        isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == lead
-    )
-    if not mask_ok:
-        got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be None or a bool tensor of shape {lead} (True = a real patch), got {got}")
-    for name, x in (("weight", weight), ("bias", bias), ("patch_targets", patch_targets), ("mask", mask)):
+    two_dim = tokens.dim() == 2
+    tokens3 = tokens.unsqueeze(0) if two_dim else tokens
+    mask3 = check_mask(mask, tokens3, two_dim)
+    for name, x in (("weight", weight), ("bias", bias), ("patch_targets", patch_targets)):
         if x is not None and x.device != tokens.device:
             raise ValueError(f"{name} is on {x.device} but tokens are on {tokens.device}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0.0 <= label_smoothing <= 1.0:
@@ -526,12 +527,10 @@ def _check_inputs(tokens, weight, bias, patch_targets, mask, label_smoothing, ig
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if tokens.dim() == 2:
-        tokens, patch_targets = tokens.unsqueeze(0), patch_targets.unsqueeze(0)
-        mask = mask.unsqueeze(0) if mask is not None else None
-    if not patch_targets.is_floating_point():
-        patch_targets = patch_targets.long()
-    return tokens, patch_targets, mask
+    targets3 = patch_targets.unsqueeze(0) if two_dim else patch_targets
+    if not targets3.is_floating_point():
+        targets3 = targets3.long()
+    return tokens3, targets3, mask3
 
 
 def patch_mixing_loss(
@@ -632,9 +631,9 @@ def patch_mixing_loss(
         dtype = torch.promote_types(dtype, bias.dtype)
     tokens3, weight = tokens3.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    if mode == "region":
-        pick_backend(tokens3, backend)  # validates the argument; the region form is plain torch
-        with torch.autocast(tokens3.device.type, enabled=False):
+    check_backend(backend)
+    if mode == "region":  # plain torch whatever the backend
+        with no_autocast(tokens3.device.type):
             per_image = _region_loss(tokens3, weight, bias, targets3, mask3, float(label_smoothing), int(ignore_index))
         return reduce_images(per_image, reduction)
     chosen = pick_backend(tokens3, backend)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels._utils import next_pow2
 
 # Neutral element of the running max and of exp(): a masked lane loaded as -inf adds exp(-inf) = 0.
 NEG_INF = tl.constexpr(float("-inf"))
@@ -145,8 +145,8 @@ class Blocks:
 
 def pick_blocks(num_classes: int, interpreter: bool = INTERPRETER) -> Blocks:
     if interpreter:
-        return Blocks(INTERP_BLOCK_M, min(INTERP_MAX_BLOCK_C, max(16, next_pow2(num_classes))), 1)
-    block_c = min(MAX_BLOCK_C, max(16, next_pow2(num_classes)))
+        return Blocks(INTERP_BLOCK_M, min(INTERP_MAX_BLOCK_C, max(16, triton.next_power_of_2(num_classes))), 1)
+    block_c = min(MAX_BLOCK_C, max(16, triton.next_power_of_2(num_classes)))
     return Blocks(block_m=GPU_TILE_ELEMENTS // block_c, block_c=block_c, num_warps=GPU_NUM_WARPS)
 
 

@@ -7,16 +7,14 @@ import textwrap
 
 import pytest
 import torch
-from fastpatchdiv.kernels import INTERPRETER
 
 import fastpatchdiv
 import fastpatchdiv.mixing as mixing
 from fastpatchdiv import PatchMixingFunction, PatchMixingLoss, patch_mixing_loss
+from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.reference_mixing import mixing_loss_reference, mixing_region_loss_reference
-from tests.helpers import KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
+from tests.helpers import DEVICE, KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
 
-# Where the tests of both paths put their tensors: the GPU when there is one, else the CPU.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Chunks of 7 rows: B·N is never a multiple of it in the shapes below, so every run has a ragged chunk.
 SMALL_CHUNK = 7
 
@@ -24,14 +22,6 @@ SMALL_CHUNK = 7
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(mixing, "_chunk_rows", lambda m, d, c, backend: min(SMALL_CHUNK, max(m, 1)))
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    """Both paths; the Triton one only where its kernel can run in this pass."""
-    if request.param == "triton" and not (torch.cuda.is_available() or INTERPRETER):
-        pytest.skip("no kernel device in this pass")
-    return request.param
 
 
 def make_inputs(B, N, D, C, dtype, device="cpu", soft=False, ignore=True, masked=False, bias=True):
@@ -142,7 +132,6 @@ def test_kernel_many_classes(kernel_device, small_chunks, C, dtype, soft, label_
 
 
 # ------------------------------------------------------------------------------ both paths, each option
-@pytest.mark.kernel
 def test_deterministic(backend, small_chunks):
     inputs = make_inputs(2, 9, 16, 37, torch.float32, DEVICE)
     runs = []
@@ -155,7 +144,6 @@ def test_deterministic(backend, small_chunks):
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-@pytest.mark.kernel
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_module_and_function(backend, small_chunks, reduction):
     tokens, weight, bias, targets, _ = make_inputs(3, 5, 8, 6, torch.float32, DEVICE)
@@ -195,7 +183,6 @@ def test_reductions_module_and_function(backend, small_chunks, reduction):
             assert_close(g, leaf.grad, torch.float32, f"{reduction} grad")
 
 
-@pytest.mark.kernel
 def test_shapes_and_edge_cases(backend):
     # (N, D) input; no bias; a non-contiguous view (class token dropped); only tokens need grad.
     tokens, weight, _, targets, _ = make_inputs(1, 12, 9, 5, torch.float32, DEVICE, bias=False)
@@ -209,7 +196,6 @@ def test_shapes_and_edge_cases(backend):
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.kernel
 def test_fully_ignored_image_and_empty_batch(backend):
     tokens, weight, bias, targets, _ = make_inputs(2, 6, 8, 4, torch.float32, DEVICE, ignore=False)
     targets[1] = -100
@@ -228,7 +214,6 @@ def test_fully_ignored_image_and_empty_batch(backend):
     assert empty.grad.shape == empty.shape and (w.grad == 0).all()
 
 
-@pytest.mark.kernel
 def test_nan_stays_in_its_image(backend):
     tokens, weight, bias, targets, _ = make_inputs(3, 6, 8, 5, torch.float32, DEVICE, ignore=False)
     tokens[1, 2, 3] = float("nan")
@@ -316,7 +301,8 @@ def _bad_cases():
         ((t, w, b, y + 3), {}, ValueError, r"class indices in \[0, 3\) or ignore_index=-100; got 3 at \(0, 0\)"),
         ((t, w, b, y - 5), {"mode": "region"}, ValueError, r"class indices in \[0, 3\)"),
         ((t, w, b, torch.rand(2, 5, 3, requires_grad=True)), {}, ValueError, "must not require grad"),
-        ((t, w, b, y), {"mask": torch.ones(2, 5)}, ValueError, "mask must be None or a bool tensor"),
+        ((t, w, b, y), {"mask": torch.ones(2, 5)}, TypeError, "mask must have dtype torch.bool"),
+        ((t, w, b, y), {"mask": torch.ones(2, 4, dtype=torch.bool)}, ValueError, r"mask must have shape \(2, 5\)"),
         ((t, w, b, y), {"label_smoothing": 1.5}, ValueError, r"label_smoothing must be a float in \[0, 1\]"),
         ((t, w, b, y), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
         ((t, w, b, y), {"reduction": "avg"}, ValueError, "reduction must be one of"),
