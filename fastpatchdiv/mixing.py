@@ -199,7 +199,8 @@ def _fused_linear_cross_entropy(
             else:
                 dbias += torch.mv(g.t(), s.squeeze(1).to(compute))
         del g
-    loss = row_loss.view(B, N).sum(dim=1) * inv_n
+    # Rows add up in fp64 (as the other losses' tiles), so fp32 keeps its relative accuracy at any N.
+    loss = (row_loss.view(B, N).sum(dim=1, dtype=torch.float64) * inv_n.double()).to(acc)
     return loss, dtokens, dweight, dbias
 
 
@@ -602,7 +603,9 @@ def patch_mixing_loss(
     runs with autocast disabled. On the Triton path 16-bit logits are formed in the input dtype on the
     tensor cores (as ``F.linear`` gives them) and the softmax, log-sum-exp and all gradient sums run in
     fp32; the PyTorch path computes in fp32 (fp64 for fp64). Gradients come back in each input's dtype.
-    Both paths are deterministic: the same input gives the same bits, forward and backward.
+    mode="patch" is deterministic on both paths: the same input gives the same bits, forward and
+    backward (chunks run in order, each kernel row has one writer). mode="region" sums regions with
+    ``index_add``: deterministic on CPU, torch's atomics on CUDA.
 
     Raises:
         TypeError: a non-tensor input, integer tokens, bool/complex targets, a non-int ignore_index.
