@@ -10,8 +10,6 @@ head classifies every patch token as the image its pixels came from (after CutMi
   token goes through the head. O(B·R·D): plain torch.
 """
 
-from __future__ import annotations
-
 import functools
 from numbers import Integral, Real
 
