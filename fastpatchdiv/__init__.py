@@ -5,6 +5,8 @@ Losses of Gong et al. 2021, "Vision Transformers with Patch Diversification" (ar
 
 from fastpatchdiv.contrastive import PatchContrastiveFunction, PatchContrastiveLoss, patch_contrastive_loss
 from fastpatchdiv.cosine import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
+from fastpatchdiv.cutmix import cutmix_patches
+from fastpatchdiv.mixing import PatchMixingFunction, PatchMixingLoss, patch_mixing_loss
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,6 +14,10 @@ __all__ = [
     "PatchContrastiveLoss",
     "PatchCosineFunction",
     "PatchCosineLoss",
+    "PatchMixingFunction",
+    "PatchMixingLoss",
+    "cutmix_patches",
     "patch_contrastive_loss",
     "patch_cosine_loss",
+    "patch_mixing_loss",
 ]
