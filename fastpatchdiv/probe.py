@@ -277,7 +277,7 @@ def plot_similarity(
 ) -> None:
     """Plot mean |cos| against block index, one line per entry of ``curves`` (label -> (mean, std)).
 
-    The std is drawn as a shaded band; ``band`` names it in the axis label. Writes ``path`` (PNG).
+    The std is drawn as a shaded band; ``band`` names it in the legend's title. Writes ``path`` (PNG).
     """
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -288,11 +288,11 @@ def plot_similarity(
         hi = [m + s for m, s in zip(mean, std, strict=True)]
         ax.fill_between(layers, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("block")
-    ax.set_ylabel(f"mean |cos| between patch tokens (band: {band})")
+    ax.set_ylabel("mean |cos| between patch tokens")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", title=f"band: {band}", title_fontsize="small")
     fig.savefig(path, dpi=120)
 
 
