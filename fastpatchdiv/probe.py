@@ -369,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL]
+    unknown = [m for m in models if not timm.is_model(m)]
+    if unknown:
+        parser.error(f"timm has no model {', '.join(map(repr, unknown))} (see timm.list_models('vit_*'))")
     try:
         runs = _runs(models, args.checkpoint)
         named_images = load_images(args.images) if args.images else sample_images()

@@ -154,10 +154,13 @@ def test_load_images_errors(tmp_path):
         load_images([tmp_path])
 
 
-def test_mismatched_model_and_checkpoint_counts(capsys, tmp_path):
+def test_mismatched_model_and_checkpoint_counts_and_unknown_names(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["--model", "a", "--model", "b", "--checkpoint", "x", "--checkpoint", "y", "--checkpoint", "z"])
+        main(["--model", "test_vit", "--model", "test_vit2", *["--checkpoint", "x"] * 3])
     assert "2 --model and 3 --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "test_vit", "--model", "vit_nonesuch", "--out", str(tmp_path)])
+    assert "timm has no model 'vit_nonesuch'" in capsys.readouterr().err
 
 
 def test_fixed_size_family_is_resized_to_its_input_size(capsys, tmp_path):
