@@ -191,12 +191,14 @@ def load_images(paths: Sequence[str | Path]) -> list[tuple[str, Image.Image]]:
     return out
 
 
-def preprocess(model: torch.nn.Module, image: Image.Image, img_size: int | None = None) -> torch.Tensor:
+def preprocess(
+    model: torch.nn.Module, image: Image.Image, img_size: int | tuple[int, int] | None = None
+) -> torch.Tensor:
     """One image -> a (3, H, W) tensor normalised with the model's ``pretrained_cfg`` mean and std.
 
     Through timm's ``resolve_data_config`` and ``create_transform`` (eval mode, ``crop_pct=1``):
-    ``img_size=None`` keeps the image's own H x W; an int resizes the shorter side to it and crops the
-    centre square.
+    ``img_size=None`` keeps the image's own H x W; an int S resizes the shorter side to S and crops the
+    centre S x S; an (H, W) pair resizes to H x W.
     """
     cfg = resolve_data_config(model=model)
     size = (image.height, image.width) if img_size is None else img_size
@@ -402,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if args.img_size is not None and (args.img_size, args.img_size) != tuple(fixed):
                 parser.error(f"--model {name} takes a fixed input size {fixed[0]} x {fixed[1]}, not --img-size")
             print(f"note: {name} has no dynamic_img_size: images are resized to {fixed[0]} x {fixed[1]}")
-        size = fixed[0] if fixed is not None else args.img_size
+        size = tuple(fixed) if fixed is not None else args.img_size
         model.to(args.device)
         tensors = [preprocess(model, image, size) for _, image in named_images]
         sim = layer_similarity(model, tensors, progress=len(tensors) > 1)
