@@ -140,6 +140,35 @@ def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xhat, norm.squeeze(-1)
 
 
+# ----------------------------------------------------------------------------------- double backward
+class _SecondOrderRefused(torch.autograd.Function):
+    """Identity on the gradients, tied to the inputs they depend on; differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, name, *tensors):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors[1:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{ctx.name}: double backward (a gradient of its gradient, e.g. a gradient penalty) is not supported: "
+            "the fused backward is not itself differentiable. negatives='mean' and 'window' of "
+            "patch_contrastive_loss are plain autograd and support it."
+        )
+
+
+def refuse_double_backward(name: str, anchor: torch.Tensor, grads: tuple) -> tuple:
+    """``grads`` as a Function's backward returns them; under ``create_graph=True`` they come back tied to
+    ``anchor`` (an input that requires grad) through a node that raises when differentiated, so a second
+    derivative fails loudly instead of silently missing this loss's terms."""
+    if not (torch.is_grad_enabled() and anchor.requires_grad):
+        return grads
+    present = [g for g in grads if g is not None]
+    tied = iter(_SecondOrderRefused.apply(name, anchor, *present))
+    return tuple(next(tied) if g is not None else None for g in grads)
+
+
 # --------------------------------------------------------------------------------------- reductions
 def valid_counts(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
     """N_b, the real patches of each image, as a (B,) float64 tensor."""

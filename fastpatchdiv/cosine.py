@@ -16,7 +16,6 @@ Example:
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fastpatchdiv._common import (
     EPS,
@@ -29,6 +28,7 @@ from fastpatchdiv._common import (
     pair_scale,
     pick_backend,
     reduce_images,
+    refuse_double_backward,
     work_dtype,
 )
 
@@ -187,10 +187,11 @@ class PatchCosineFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, mask, r0, r1 = ctx.saved_tensors
-        return torch.ops.fastpatchdiv.cosine_backward(x, mask, r0, r1, grad, ctx.backend), None, None, None
+        with torch.no_grad():
+            dx = torch.ops.fastpatchdiv.cosine_backward(x, mask, r0, r1, grad, ctx.backend)
+        return *refuse_double_backward("patch_cosine_loss", x, (dx,)), None, None, None
 
 
 # --------------------------------------------------------------------------------------- public API

@@ -153,12 +153,14 @@ def check_contrastive(first, last, *, detach_first=True, what="", mask=None, **k
 
     The oracle sees the same (rounded) inputs in float64, with the tolerances above.
     """
-    dtype = first.dtype
+    # Inputs of two dtypes are judged at the looser tolerance of the two.
+    dtype = max(first.dtype, last.dtype, key=lambda d: TOLERANCES[d][0])
     first = first.detach().clone().requires_grad_()
     last = last.detach().clone().requires_grad_()
     loss = patch_contrastive_loss(first, last, detach_first=detach_first, reduction="none", mask=mask, **kw)
-    assert loss.dtype == torch.float32 and loss.shape == (first.shape[0] if first.dim() == 3 else 1,)
-    weights = torch.rand(loss.shape, dtype=torch.float32, device=loss.device) + 0.5
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == (first.shape[0] if first.dim() == 3 else 1,)
+    weights = torch.rand(loss.shape, dtype=loss.dtype, device=loss.device) + 0.5
     loss.backward(weights)
 
     ref_kw = {k: kw[k] for k in ("temperature", "normalize", "negatives", "grid", "window") if k in kw}
@@ -168,12 +170,12 @@ def check_contrastive(first, last, *, detach_first=True, what="", mask=None, **k
     (ref * weights.cpu().double()).sum().backward()
 
     assert_close(loss, ref, dtype, f"{what} loss")
-    assert last.grad is not None and last.grad.dtype == dtype
+    assert last.grad is not None and last.grad.dtype == last.dtype
     grads = [("d last", last.grad, l64.grad)]
     if detach_first:
         assert first.grad is None, f"{what}: detach_first=True but first received a gradient"
     else:
-        assert first.grad is not None and first.grad.dtype == dtype
+        assert first.grad is not None and first.grad.dtype == first.dtype
         grads.append(("d first", first.grad, f64.grad))
     for name, got, want in grads:
         assert torch.isfinite(got).all(), f"{what} {name}: non-finite gradient"
