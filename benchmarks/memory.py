@@ -1,16 +1,13 @@
-"""Peak memory of one timed step above what was allocated before it (inputs; for backward, also the graph).
+"""Peak memory of one step above what was allocated before it (inputs; for backward, also the graph).
 
 CUDA: ``torch.cuda.max_memory_allocated`` in the benchmarking process. CPU: tracemalloc does not see
 torch's allocator, so each case runs in a fresh child process and we read its peak RSS
-(``getrusage().ru_maxrss``). Children are forked from a forkserver that has imported torch but run
-nothing, so a child costs milliseconds instead of a torch import. In the child a warm-up step runs
-first (lazy initialisation; torch.compile's compilation), then the RSS high-water mark is reset
-(``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small copy
-of the case (``cases.warmup_case``): their one-time work does not depend on the shape, and a
-same-shape warm-up would double the cost of the long cases (a minute each at N = 65536 on CPU).
-torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a
-fixed mmap threshold so that buffers freed by the warm-up go back to the OS rather than being reused
-unseen by the measured run.
+(``getrusage().ru_maxrss``). Children are forked from a forkserver that has imported torch, inductor and
+the providers but run nothing (``_preload``), so a child costs milliseconds. A child runs a warm-up step
+(eager providers: a small copy of the case, ``cases.warmup_case``; torch.compile: the case itself, which
+compiles it), resets the RSS high-water mark (``/proc/self/clear_refs``) and runs the measured step.
+glibc gets a fixed mmap threshold so that buffers freed by the warm-up go back to the OS rather than
+being reused unseen by the measured step.
 """
 
 from __future__ import annotations
@@ -25,10 +22,11 @@ import sys
 
 import torch
 
-from benchmarks.cases import Case, compile_in_process, loss_fn, quiet, warmup_case, workload
+from benchmarks.cases import Case, warmup_case, workload
+from benchmarks.providers import Providers, compile_in_process, first_line, quiet
 
 # Allocations of 64 KiB and more are mmapped and unmapped on free, so the RSS follows live memory.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "FASTPATCHDIV_BENCH_FORKSERVER": "1"}
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
@@ -38,15 +36,10 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]
-
-
 def cuda_peak_bytes(case: Case, fn) -> int:
-    """Peak allocated bytes during one step, above those allocated before it (a fresh workload, one input set)."""
-    w = workload(case, fn, n_sets=1)
-    w.step()  # warm-up outside the measurement (the timer's own warm-up ran on other tensors)
+    """Peak allocated bytes during one step, above those allocated before it (fresh inputs, one warm-up step)."""
+    w = workload(case, fn)
+    w.step()
     w.clear()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -56,18 +49,45 @@ def cuda_peak_bytes(case: Case, fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-# --- CPU: one fresh child per case ------------------------------------------------------------------
+def _preload() -> None:
+    """Run once in the forkserver (this module is its preload): what every child needs, imported ahead, then
+    moved out of the garbage collector's reach so that a child's gc.collect() costs microseconds, not 0.3 s."""
+    quiet()
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401  (3-4 s to import: once here, not in each child)
+    import torch._inductor.select_algorithm  # noqa: F401
+    from torch._inductor import codecache, cpu_vec_isa
+
+    try:  # per-process caches every compilation consults: hash of torch's sources, system key, vector ISA
+        codecache.torch_key()
+        codecache.CacheBase.get_system()
+        cpu_vec_isa.pick_vec_isa()
+    except Exception:  # a private API moved: children pay the cost themselves
+        pass
+    try:  # tqdm's lock (taken while torch.fx compiles), made in a child, would be reported as leaked at exit
+        from tqdm import tqdm
+
+        tqdm.get_lock()
+    except ImportError:
+        pass
+    gc.freeze()
+
+
+if os.environ.get("FASTPATCHDIV_BENCH_FORKSERVER") == "1":
+    _preload()
 
 _context = None
 
 
-def _forkserver():
+def start_cpu_children() -> None:
+    """Start the forkserver with ``_CHILD_ENV`` (read by glibc once, at its start) and wait until its imports
+    are done (~10 s of CPU), so that they overlap no timing."""
     global _context
     if _context is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["benchmarks._preload"])
-        saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
-        os.environ.update(_MALLOC_ENV)  # read by glibc once, when the forkserver starts
+        ctx.set_forkserver_preload(["benchmarks.memory"])
+        saved = {k: os.environ.get(k) for k in _CHILD_ENV}
+        os.environ.update(_CHILD_ENV)
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
@@ -77,12 +97,7 @@ def _forkserver():
                 else:
                     os.environ[k] = v
         _context = ctx
-    return _context
-
-
-def start_cpu_children() -> None:
-    """Start the forkserver and wait until its imports are done (~10 s of CPU), so they overlap no timing."""
-    child = _forkserver().Process(target=gc.collect)
+    child = _context.Process(target=gc.collect)
     child.start()
     child.join()
 
@@ -103,22 +118,16 @@ def _reset_peak_rss() -> bool:
 
 
 def _child(case: Case, conn) -> None:
-    quiet()
     try:
         compile_in_process()
-        fn = loss_fn(case.op, case.provider)
+        fn = Providers().loss_fn(case)
         resettable = _reset_peak_rss()  # else a warm-up would set the high-water mark: measure the first step
         if resettable:
-            warm = workload(warmup_case(case), fn, n_sets=1)
-            warm.step()  # lazy initialisation, torch.compile's compilation
-            del warm
-        w = workload(case, fn, n_sets=1)
+            workload(warmup_case(case), fn).step()  # lazy initialisation; torch.compile's compilation
+        w = workload(case, fn)
         gc.collect()
-        note = ""
-        if resettable:
-            _reset_peak_rss()
-        else:
-            note = "first step measured (no /proc/self/clear_refs): includes one-time allocations"
+        note = "" if resettable else "first step measured (no /proc/self/clear_refs): includes one-time allocations"
+        _reset_peak_rss()
         base = _maxrss_bytes()
         w.step()
         conn.send(("ok", _maxrss_bytes() - base, note))
@@ -130,9 +139,10 @@ def _child(case: Case, conn) -> None:
 
 def cpu_peak_bytes(case: Case, timeout_s: float) -> tuple[str, int | None, str]:
     """(status, peak RSS growth in bytes, note) of one step of ``case`` in a fresh child process."""
-    ctx = _forkserver()
-    recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(case, send), daemon=True)
+    if _context is None:
+        start_cpu_children()
+    recv, send = _context.Pipe(duplex=False)
+    child = _context.Process(target=_child, args=(case, send), daemon=True)
     child.start()
     send.close()
     try:
