@@ -1,7 +1,7 @@
-"""What is benchmarked: the ops, the sweeps, the cost model and the rules that skip a case.
+"""What is benchmarked: the ops, the cost model, the sweeps and the rules that skip a case.
 
-``python -m benchmarks`` and ``pytest benchmarks/`` both take their cases from ``cases(sweep)``. A new op
-is one ``Op`` entry in ``OPS`` (plus its rows in ``COST`` when it is O(N²·D)).
+``python -m benchmarks`` and ``pytest benchmarks/`` take their cases from ``cases(sweep)``. A new op is
+one ``Op`` in ``OPS``, plus its rows in ``COST`` when it is O(N²·D).
 """
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ def one_input(B, N, D, dtype, device, gen):
 
 
 def first_last(B, N, D, dtype, device, gen):
-    """``first`` is detached in training (detach_first=True), so only ``last`` asks for a gradient."""
+    """``first`` is detached in training (detach_first=True): only ``last`` asks for a gradient."""
     return _tokens((B, N, D), dtype, device, gen, False), _tokens((B, N, D), dtype, device, gen, True)
 
 
 @dataclass(frozen=True)
 class Op:
-    """One benchmarked op. ``fused(*inputs)`` is fastpatchdiv's scalar loss, ``reference(*inputs)`` the naive
-    formula (per-image losses, averaged by the harness). ``min_bytes(B, N, D, itemsize, mode)`` is the traffic
-    an O(N·D) op cannot avoid (each input read once, each gradient written once); None marks an O(N²·D) op,
-    charged its multiply-adds from ``COST``. ``check_n(N)`` says why an N cannot run."""
+    """``fused(*inputs)``: fastpatchdiv's scalar loss; ``reference(*inputs)``: the naive per-image losses;
+    ``min_bytes(B, N, D, itemsize, mode)``: the traffic an O(N·D) op cannot avoid (None: an O(N²·D) op,
+    charged its ``COST``); ``check_n(N)``: why an N cannot run."""
 
     name: str
     fused: Callable
@@ -55,20 +54,16 @@ class Op:
 
 
 def _contrastive(negatives: str, **kw) -> Op:
-    return Op(
-        f"contrastive-{negatives}",
-        lambda a, z: fastpatchdiv.patch_contrastive_loss(a, z, negatives=negatives),
-        lambda a, z: reference.contrastive_loss_reference(a, z, negatives=negatives),
-        first_last,
-        **kw,
-    )
+    fused = lambda a, z: fastpatchdiv.patch_contrastive_loss(a, z, negatives=negatives)  # noqa: E731
+    naive = lambda a, z: reference.contrastive_loss_reference(a, z, negatives=negatives)  # noqa: E731
+    return Op(f"contrastive-{negatives}", fused, naive, first_last, **kw)
 
 
 def _square(n: int) -> str | None:
     return None if math.isqrt(n) ** 2 == n else f"negatives='window' needs a square N (an H x W = N grid), got N={n}"
 
 
-def _pair_bytes(B, N, D, itemsize, mode):  # read A, Z; the backward reads A, Z and writes dZ
+def _pair_bytes(B, N, D, itemsize, mode):  # read A and Z; the backward reads them and writes dZ
     return B * N * D * itemsize * {"forward": 2, "backward": 3, "full": 5}[mode]
 
 
@@ -105,14 +100,6 @@ COST: dict[tuple[str, str, str], tuple] = {
 }
 
 
-def macs(case: Case, path: str) -> float | None:
-    """Multiply-adds of one step of ``case`` on ``path``; None when ``COST`` has no row for it."""
-    if (row := COST.get((case.op, case.provider, path))) is None:
-        return None
-    fwd, bwd = (f(case.D) if callable(f) else f for f in row)
-    return case.B * case.N**2 * case.D * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
-
-
 @dataclass(frozen=True)
 class Case:
     op: str
@@ -133,14 +120,17 @@ class Case:
         return f"{self.op} {self.mode} {self.provider} {self.dtype} B={self.B} N={self.N} D={self.D}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sweeps
-# ----------------------------------------------------------------------------------------------------
+def macs(case: Case, path: str) -> float | None:
+    """Multiply-adds of one step of ``case`` on ``path``; None when ``COST`` has no row for it."""
+    if (row := COST.get((case.op, case.provider, path))) is None:
+        return None
+    fwd, bwd = (f(case.D) if callable(f) else f for f in row)
+    return case.B * case.N**2 * case.D * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """A sweep and how to time it; ``default_sweep`` gives the three of each device (see README)."""
+    """A sweep and how to time it (``default_sweep``; benchmarks/README.md, "The sweeps")."""
 
     device: str
     kind: str = "full"  # quick, default or full
@@ -153,47 +143,38 @@ class Sweep:
     d_max_n: tuple = ()  # (D, largest N it runs at); lifted by --d
     max_n: tuple = ()  # (provider, largest N it runs at, why)
     tokens: int = 65536  # every case holds B·N = tokens patch tokens (B = 1 once N > tokens)
-    # CPU timing: runner.time_cpu. CUDA: do_bench's warm-up and repetition times.
-    cpu_budget_s: float = 0.3
+    cpu_budget_s: float = 0.3  # CPU timing: runner.time_cpu
     cpu_min_reps: int = 3
     cpu_max_reps: int = 50
     long_call_s: float = 5.0
-    cuda_warmup_ms: int = 25
+    cuda_warmup_ms: int = 25  # CUDA timing: do_bench's warm-up and repetition times
     cuda_rep_ms: int = 100
-    # CPU: skip a case estimated over time_cap_s per call, or long_cap_s for the rows the sweep exists for
-    # (full mode at N >= long_min_n, and the peers' full mode: too_slow).
-    time_cap_s: float | None = None
-    long_cap_s: float | None = None
+    time_cap_s: float | None = None  # CPU: skip a case estimated slower per call (too_slow) ...
+    long_cap_s: float | None = None  # ... or this for full mode at N >= long_min_n, and the peers' full mode
     long_min_n: int = 4096
     mem_cap_gib: float = 8.0  # CPU: skip a naive case whose N x N footprint is estimated above this
     measure_memory: bool = True
     budget_s: float | None = None  # start no case after this many seconds (the rest: skipped, with why)
 
-    def batch(self, n: int) -> int:
-        return max(1, self.tokens // n)
 
-
-_REFERENCES_TO_4096 = "the default run stops the N x N references at N = 4096 (--full runs them)"
-_KEOPS_CPU = (
-    "left out of the CPU default: KeOps' CPU code does ~0.1 GMAC/s here, 10-25 s per call at N = 196 "
-    "(--full or --providers keops runs it)"
-)
+_REFERENCES = "the default run stops the N x N references at N = 4096 (--full runs them)"
+_KEOPS_CPU = "left out of the CPU default: KeOps' CPU code does ~0.1 GMAC/s here (--full runs it where it fits)"
 
 
 def default_sweep(device: str, kind: str = "default") -> Sweep:
-    """``quick``: the CI smoke run. ``default``: every op from N = 196 to 16384 (65536 on CUDA), forward +
-    backward, in <= 5 minutes on 2 CPU cores. ``full``: every mode, N and D of the device."""
+    """``quick``: the CI smoke run. ``default``: every op, N = 196..16384 (65536 on CUDA), forward + backward,
+    <= 5 minutes on 2 CPU cores. ``full``: every mode, N and D of the device."""
     cpu = device == "cpu"
-    if kind == "quick":  # KeOps compiles each formula with g++ (~10 s): only when --providers names it
-        quick = dict(ns=(64, 144), ds=(32,), tokens=576, cpu_budget_s=0.1, cpu_max_reps=10)
+    if kind == "quick":  # KeOps builds each formula with g++ (~10 s): only when --providers names it
         keep = tuple(p for p in PROVIDERS if p != "keops")
-        return Sweep(
-            device, "quick", providers=keep, cuda_warmup_ms=5, cuda_rep_ms=20, time_cap_s=5.0 if cpu else None, **quick
+        fast = dict(
+            cpu_budget_s=0.1, cpu_max_reps=10, cuda_warmup_ms=5, cuda_rep_ms=20, time_cap_s=5.0 if cpu else None
         )
+        return Sweep(device, "quick", providers=keep, ns=(64, 144), ds=(32,), tokens=576, **fast)
     if kind == "default" and cpu:
-        limits = (("torch", 4096, _REFERENCES_TO_4096), ("torch.compile", 4096, _REFERENCES_TO_4096))
-        short = dict(cpu_budget_s=0.2, long_call_s=2.5, max_n=(*limits, ("keops", 0, _KEOPS_CPU)))
-        return Sweep(device, "default", modes=("full",), ns=(196, 576, 4096, 16384), ds=(384,), tokens=16384, **short)
+        limits = (("torch", 4096, _REFERENCES), ("torch.compile", 4096, _REFERENCES), ("keops", 0, _KEOPS_CPU))
+        short = dict(cpu_budget_s=0.2, long_call_s=2.5, max_n=limits, tokens=16384)
+        return Sweep(device, "default", modes=("full",), ns=(196, 576, 4096, 16384), ds=(384,), **short)
     if kind == "default":
         return Sweep(
             device, "default", modes=("full",), ns=(196, 576, 4096, 16384, 65536), ds=(384,), dtypes=("fp32", "bf16")
@@ -212,48 +193,34 @@ def cases(sweep: Sweep) -> list[Case]:
     """Every case, grouped by shape so that the providers and modes of one shape run together."""
     out = []
     for dtype, op, d, n in itertools.product(sweep.dtypes, sweep.ops, sorted(set(sweep.ds)), sorted(set(sweep.ns))):
-        if n > dict(sweep.d_max_n).get(d, n):
-            continue
-        for provider, mode in itertools.product(sweep.providers, sweep.modes):
-            if implements(provider, op):
-                out.append(Case(op, provider, mode, dtype, sweep.batch(n), n, d, sweep.device))
+        if n <= dict(sweep.d_max_n).get(d, n):
+            B, pm = max(1, sweep.tokens // n), itertools.product(sweep.providers, sweep.modes)
+            out += [Case(op, p, m, dtype, B, n, d, sweep.device) for p, m in pm if implements(p, op)]
     return out
 
 
 def precheck(case: Case, sweep: Sweep) -> tuple[str, str] | None:
     """(status, note) for a case that must not run, from its shape alone; None if it may run."""
-    reason = OPS[case.op].check_n(case.N)
-    if reason:
+    if reason := OPS[case.op].check_n(case.N):
         return "skipped", reason
-    for provider, n, why in sweep.max_n:
-        if provider == case.provider and case.N > n:
-            return "skipped", why
+    if why := next((w for p, n, w in sweep.max_n if p == case.provider and case.N > n), None):
+        return "skipped", why
     if case.device == "cpu" and case.dtype != "fp32":
         return "skipped", f"{case.dtype} is benchmarked on CUDA only"
-    if case.device == "cpu" and case.provider in NAIVE:
-        need = naive_footprint(case)
-        if need > sweep.mem_cap_gib * 2**30:
-            return "oom", (
-                f"out of memory: the N x N reference needs ~{need / 2**30:.3g} GiB > cap {sweep.mem_cap_gib:g} GiB "
-                "(not run)"
-            )
+    # Peak RSS growth of the references on CPU, in B x N x N matrices (measured at N = 1024 and 4096, rounded
+    # up), plus 2 unbatched N x N masks and index grids (contrastive-window's, int64, at B = 1).
+    need = ({"forward": 3.5, "backward": 3.0, "full": 4.5}[case.mode] * case.B + 2) * case.N**2 * 4
+    if case.device == "cpu" and case.provider in NAIVE and need > sweep.mem_cap_gib * 2**30:
+        return (
+            "oom",
+            f"out of memory: the N x N reference needs ~{need / 2**30:.3g} GiB > {sweep.mem_cap_gib:g} GiB (not run)",
+        )
     return None
 
 
-# Peak RSS growth of the references on CPU in B x N x N matrices of the input dtype (measured at N = 1024
-# and 4096, rounded up), plus the unbatched masks and index grids (contrastive-window's, int64, at B = 1).
-_NAIVE_MATRICES = {"forward": 3.5, "backward": 3.0, "full": 4.5}
-
-
-def naive_footprint(case: Case) -> float:
-    return (_NAIVE_MATRICES[case.mode] * case.B + 2.0) * case.N**2 * DTYPES[case.dtype].itemsize
-
-
-# ----------------------------------------------------------------------------------------------------
-# The CPU time estimate. A static rule per provider does not predict the same: KeOps' CPU code runs ~500x
-# below the matmul rate, the O(N·D) ops are not linear in N. So each time is scaled from the same op,
-# provider and mode measured at the nearest work (B·N²·D for pairwise work, B·N·D otherwise).
-# ----------------------------------------------------------------------------------------------------
+# The CPU time estimate: a static rule per provider does not predict the same (KeOps' CPU code runs some 500x
+# below the matmul rate; the O(N·D) ops are not linear in N). So a time is scaled from the same op, provider
+# and mode measured at the nearest work (B·N²·D for pairwise work, B·N·D otherwise).
 
 
 def work(case: Case) -> float:
@@ -267,31 +234,22 @@ def remember(history: dict, case: Case, seconds: float) -> None:
 
 def estimate_s(case: Case, history: dict) -> tuple[float, Case] | None:
     """(seconds, the case it was scaled from) for one call of ``case``; None before any of its kind ran."""
-    seen = history.get((case.op, case.provider, case.mode, case.dtype))
-    if not seen:
+    if not (seen := history.get((case.op, case.provider, case.mode, case.dtype))):
         return None
-    w = work(case)
-    near, w_near, seconds = min(seen, key=lambda s: abs(math.log(s[1] / w)))
-    return seconds * w / w_near, near
+    near, w_near, seconds = min(seen, key=lambda s: abs(math.log(s[1] / work(case))))
+    return seconds * work(case) / w_near, near
 
 
 def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
-    """("skipped", why) when a CPU case's call is estimated over its cap. A backward is charged the forward
+    """("skipped", why) when a CPU case's call is estimated over its cap; a backward is charged the forward
     that must run (untimed) before it, here and in the memory child."""
     long = case.mode == "full" and (case.N >= sweep.long_min_n or case.provider in PEERS)
     cap = sweep.long_cap_s if long and sweep.long_cap_s is not None else sweep.time_cap_s
     modes = ("backward", "forward") if case.mode == "backward" else (case.mode,)
     guesses = [g for m in modes if (g := estimate_s(dataclasses.replace(case, mode=m), history))]
-    seconds = sum(g[0] for g in guesses)
-    if case.device != "cpu" or cap is None or not guesses or seconds <= cap:
+    if case.device != "cpu" or cap is None or not guesses or (seconds := sum(g[0] for g in guesses)) <= cap:
         return None
-    near = guesses[0][1]
-    return "skipped", f"estimated {seconds:.3g} s per call > {cap:g} s cap (scaled from N={near.N}, D={near.D})"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Workloads
-# ----------------------------------------------------------------------------------------------------
+    return "skipped", f"estimated {seconds:.3g} s per call > {cap:g} s cap (from N={guesses[0][1].N}, D={case.D})"
 
 
 @dataclass
@@ -308,21 +266,17 @@ class Workload:
 
 def workload(case: Case, fn: Callable, rotate: bool = False) -> Workload:
     """Inputs and the step of ``case``'s mode. With ``rotate``, forward and full cycle through 3 input sets
-    while one input tensor is <= 256 MiB, so that caches do not flatter. backward runs the forward once
-    here, untimed, and times ``loss.backward(retain_graph=True)`` on one set (more would keep more N x N
-    graphs alive)."""
-    gen = torch.Generator(device=case.device).manual_seed(0)
-    dtype = DTYPES[case.dtype]
-    small = case.B * case.N * case.D * dtype.itemsize <= 2**28
+    while one input is <= 256 MiB, so that caches do not flatter. backward runs the forward here, untimed,
+    and times ``loss.backward(retain_graph=True)`` on one set (more would keep more N x N graphs alive)."""
+    gen, dtype = torch.Generator(device=case.device).manual_seed(0), DTYPES[case.dtype]
+    rotate = rotate and case.mode != "backward" and case.B * case.N * case.D * dtype.itemsize <= 2**28
     sets = [
-        OPS[case.op].make_inputs(case.B, case.N, case.D, dtype, case.device, gen)
-        for _ in range(3 if rotate and small and case.mode != "backward" else 1)
+        OPS[case.op].make_inputs(case.B, case.N, case.D, dtype, case.device, gen) for _ in range(3 if rotate else 1)
     ]
-    grads = [t for s in sets for t in s if t.requires_grad]
+    grads, order = [t for s in sets for t in s if t.requires_grad], itertools.cycle(sets)
     if case.mode == "backward":
         loss = fn(*sets[0])
         return Workload(lambda: loss.backward(retain_graph=True), grads)
-    order = itertools.cycle(sets)
     if case.mode == "forward":
         return Workload(lambda: fn(*next(order)), grads)
     return Workload(lambda: fn(*next(order)).backward(), grads)
@@ -330,5 +284,5 @@ def workload(case: Case, fn: Callable, rotate: bool = False) -> Workload:
 
 def warmup_case(case: Case) -> Case:
     """A small copy (one image of 64 patches) to warm an eager provider up on: its one-time work does not
-    depend on the shape. torch.compile compiles one graph per shape, so it warms up on the case itself."""
+    depend on the shape. torch.compile compiles one graph per shape: it warms up on the case itself."""
     return case if case.provider == "torch.compile" else dataclasses.replace(case, B=1, N=min(case.N, 64))

@@ -1,18 +1,13 @@
-"""The providers of each op: fastpatchdiv, the naive reference (eager and torch.compile) and two peers.
-
-Peers (``pip install -e ".[peers]"``), each checked against the float64 reference before it is timed:
-
-- ``keops``: pykeops LazyTensor reductions, CPU and CUDA, fp32. Each formula and its gradient is compiled
-  on its first call (g++ on CPU) and cached on disk; that time is reported apart from the timings.
-- ``inf-cl``: Inf-CL's ``cal_flash_loss`` (Triton, CUDA only; it upcasts to fp32), one call per image:
-  it takes 2-D inputs and no mask.
-"""
+"""The providers of each op: fastpatchdiv, the naive reference (eager and torch.compile) and the peers
+(``pip install -e ".[peers]"``): ``keops`` (pykeops LazyTensor reductions, CPU and CUDA, fp32) and ``inf-cl``
+(Inf-CL's ``cal_flash_loss``, CUDA only), each checked against the float64 reference before it is timed."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import time
 import warnings
@@ -27,18 +22,16 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 INSTALL = 'pip install -e ".[peers]"'
 
 
-def quiet() -> None:
-    """Silence messages that are noise here (no CUDA runtime on a CPU machine, deprecations)."""
+def setup(device: str) -> None:
+    """Silence messages that are noise here (no CUDA runtime on a CPU machine, deprecations); on CPU, inductor
+    compiles in this process: on 2 cores a worker pool would compete with the timed runs."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
     os.environ.setdefault("PYKEOPS_VERBOSE", "0")  # read when pykeops is imported
+    if device == "cpu":
+        import torch._inductor.config
 
-
-def compile_in_process() -> None:
-    """Inductor compiles in this process: on 2 cores a worker pool would compete with the timed runs."""
-    import torch._inductor.config
-
-    torch._inductor.config.compile_threads = 1
+        torch._inductor.config.compile_threads = 1
 
 
 def keops_cosine(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +90,8 @@ def unavailable(case: Case) -> str | None:
 
 
 class Providers:
-    """The scalar loss of each case (``fn(*inputs) -> ()``) and what it needs across cases: torch.compile is
-    probed once (no C++ compiler: every compile case is skipped with that reason) and compiled once per
-    shape after ``torch._dynamo.reset()``; each peer's value is checked once per shape (``check``)."""
+    """The scalar loss of each case, ``fn(*inputs) -> ()``: torch.compile is probed once (no C++ compiler: every
+    compile case is skipped with that reason) and compiles once per shape; a peer is checked once per shape."""
 
     def __init__(self):
         self._compiled: tuple = (None, None)
@@ -155,18 +147,13 @@ class Providers:
             remember(history, dataclasses.replace(case, mode=mode, B=b, N=n), seconds)
         ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
         (ref := OPS[case.op].reference(*ref_inputs).mean()).backward()
-        named = [("loss", loss, ref)] + [
-            (f"gradient of input {i}", inputs[i].grad, r.grad) for i, r in enumerate(ref_inputs)
+        pairs = [("loss", loss, ref)] + [
+            (f"gradient of input {i}", x.grad, r.grad) for i, (x, r) in enumerate(zip(inputs, ref_inputs, strict=True))
         ]
-        self._checked[case.shape_key] = None
-        for name, x, y in (c for c in named if c[2] is not None):
-            err, tol = ((x.double() - y).norm() / y.norm().clamp_min(1e-30)).item(), TOLERANCE[case.dtype]
-            if not err <= tol:  # NaN fails too
-                self._checked[case.shape_key] = (
-                    f"disagrees with the float64 reference at B={b}, N={n}, D={case.D}: relative error of the "
-                    f"{name} {err:.3g} > {tol:g} (not timed)"
-                )
-                break
+        errors = {k: ((x.double() - y).norm() / y.norm().clamp_min(1e-30)).item() for k, x, y in pairs if y is not None}
+        k, tol = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else math.inf), TOLERANCE[case.dtype]
+        bad = f"disagrees with the float64 reference at B={b}, N={n}, D={case.D}: relative error of the {k} "
+        self._checked[case.shape_key] = None if errors[k] <= tol else bad + f"{errors[k]:.3g} > {tol:g} (not timed)"
         return self._checked[case.shape_key], sum(calls[0]) - sum(calls[-1]) if first else None
 
 

@@ -65,13 +65,13 @@ class Rows:
 
     def __init__(self, records: list[dict]):
         self.idx = {(r["op"], r["mode"], r["dtype"], r["D"], r["provider"], r["metric"], r["N"]): r for r in records}
-        self.notes: dict[tuple, list] = defaultdict(list)
+        self.notes: dict[tuple, dict] = defaultdict(dict)
         self.flagged = False
 
     def get(self, key: tuple, provider: str, metric: str, n: int) -> dict | None:
         return self.idx.get((*key, provider, metric, n))
 
-    def row(self, key: tuple, n: int, providers: list[str], cols: str, where: str = "") -> list[str]:
+    def row(self, key: tuple, n: int, providers: list[str], cols: str, where: str = "N") -> list[str]:
         """``cols`` letters: t = times, T = times with p20–p80, s = speed-ups vs the others, m = memory,
         M = memory joined by " / ", v = memory savings, r = rate (% of peak), f = fastpatchdiv's % of peak."""
         get = lambda p, m: self.get(key, p, m, n)  # noqa: E731
@@ -79,12 +79,8 @@ class Rows:
         for p in providers:
             t, m = get(p, "time"), get(p, "memory")
             for r, what in ((t, ""), (m if t and t["status"] == "ok" else None, " memory")):
-                if (
-                    r
-                    and r["status"] not in ("ok", "n/a")
-                    and (where or f"N={n}") not in self.notes[(p + what, r["note"])]
-                ):
-                    self.notes[(p + what, r["note"])].append(where or f"N={n}")
+                if r and r["status"] not in ("ok", "n/a"):
+                    self.notes[(p + what, r["note"])].setdefault(where, []).append(str(n))
         cells = []
         for c in cols:
             if c in "tT":
@@ -106,7 +102,8 @@ class Rows:
         return cells
 
     def footnotes(self) -> list[str]:
-        lines = [f"\\* {p}, {', '.join(where)}: {note}  " for (p, note), where in self.notes.items()]
+        at = lambda where: "; ".join(f"{w}={', '.join(dict.fromkeys(ns))}" for w, ns in where.items())  # noqa: E731
+        lines = [f"\\* {p}, {at(where)}: {note}  " for (p, note), where in self.notes.items()]
         lines += [FLAG_NOTE] if self.flagged else []
         self.notes.clear()
         self.flagged = False
@@ -119,15 +116,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _compile_notes(records) -> list[str]:
-    seen = [r for r in _cases(records, metric="compile")]
-    return [
-        f"First call of {r['provider']} for {r['op']} ({r['dtype']}, D = {r['D']}): {_fmt(r['median'])} s more than "
-        "the next call (compilation; not in the timings, cached on disk for later runs).  "
-        for r in seen
-    ]
-
-
-SUMMARY_NS = (196, 576, 1024, 4096, 16384, 65536)
+    what = "s more than its next call (compilation, cached on disk; not in the timings)"
+    first = "First call of {provider} for {op} ({dtype}, D = {D}): {median:.3g} " + what + "  "
+    return [first.format(**r) for r in _cases(records, metric="compile")]
 
 
 def summary(records: list[dict]) -> list[str]:
@@ -139,7 +130,7 @@ def summary(records: list[dict]) -> list[str]:
         return []
     d, env, rows = min(r["D"] for r in recs), recs[0], Rows(records)
     providers = _ordered([r["provider"] for r in recs], PROVIDERS)
-    ns = [n for n in sorted({r["N"] for r in recs}) if n in SUMMARY_NS] or sorted({r["N"] for r in recs})
+    ns = sorted({r["N"] for r in recs})
     lines = []
     for dtype in _ordered([r["dtype"] for r in recs], ["fp32", "bf16", "fp16"]):
         lines += [
@@ -155,7 +146,7 @@ def summary(records: list[dict]) -> list[str]:
             for n in ns:
                 first = rows.get((op, "full", dtype, d), "fastpatchdiv", "time", n)
                 if first:
-                    cells = rows.row((op, "full", dtype, d), n, providers, "tsMf", where=f"{op} N={n}")
+                    cells = rows.row((op, "full", dtype, d), n, providers, "tsMf", where=f"{op} N")
                     body.append([op, str(n), str(first["B"])] + cells)
         header += ["peak MiB " + " / ".join(providers), "fastpatchdiv % of peak"]
         lines += _table(header, body) + [""] + rows.footnotes() + _compile_notes(_cases(records, D=d)) + [""]
@@ -180,7 +171,13 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
         for r in records
         if r["op"].startswith("peak-")
     ]
-    lines += [f"- {k.capitalize()}: {config[k]}" for k in ("timing", "memory", "peers") if k in config]
+    if sw := config.get("sweep"):
+        cpu = f"{sw['cpu_min_reps']} calls until {sw['cpu_budget_s']} s (<= {sw['cpu_max_reps']}), a call over"
+        lines.append(
+            f"- Sweep: {sw['kind']}. CPU ({config.get('threads')} threads): 1 discarded call, then >= {cpu} "
+            f"{sw['long_call_s']} s timed once; memory: peak RSS growth in a fresh child. CUDA: do_bench "
+            f"({sw['cuda_warmup_ms']} / {sw['cuda_rep_ms']} ms); max_memory_allocated. See benchmarks/README.md"
+        )
     lines += [
         "",
         "Time in ms as median (p20–p80). Speed-up = other's time / fastpatchdiv's; saving = other's peak memory / "
@@ -224,7 +221,7 @@ def _grid(records, metric, dtype, d, path) -> None:
     p20–p80 band; the legend lists the N that did not run, and a roofline panel marks 100% (above: anomaly)."""
     recs = _cases(records, metric=metric, dtype=dtype, D=d)
     ops, modes = _ordered([r["op"] for r in recs], list(OPS)), _ordered([r["mode"] for r in recs], list(MODES))
-    fig = Figure(figsize=(4.2 * len(modes), 3.3 * len(ops)))
+    fig = Figure(figsize=(max(5.0, 4.2 * len(modes)), 3.3 * len(ops)))
     axes = fig.subplots(len(ops), len(modes), squeeze=False)
     for (i, op), (j, mode) in ((a, b) for a in enumerate(ops) for b in enumerate(modes)):
         ax, ns = axes[i][j], sorted({r["N"] for r in recs if r["op"] == op})
@@ -246,7 +243,7 @@ def _grid(records, metric, dtype, d, path) -> None:
         ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(f"{metric} vs N · {dtype} · D={d} · B·N constant · {recs[0]['device_name']}", fontsize=10)
+    fig.suptitle(f"{metric} vs N · {dtype} · D={d} · B·N constant\n{recs[0]['device_name']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -30,7 +30,6 @@ RECORD_KEYS = tuple(
     "op provider mode dtype B N D tokens metric unit median p20 p80 status note samples backend device device_name "
     "torch_version triton_version fastpatchdiv_version git_commit date".split()
 )
-MIB = 2**20
 ANOMALY = "anomaly (above 100%): the cost model counts more work than the path did, or the ceiling is low; "
 
 
@@ -40,40 +39,30 @@ def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return tuple(q.tolist())
 
 
-def time_cuda(w: Workload, sweep: Sweep) -> list[float]:
-    """do_bench: CUDA events around each run, warm-up excluded, L2 flushed and input grads dropped before each."""
-    import triton.testing
+def time_samples(w: Workload, sweep: Sweep, warm: Workload | None = None) -> list[float]:
+    """Milliseconds per call. CUDA: do_bench (events around each run, warm-up excluded, L2 flushed and input
+    grads dropped before each). CPU: one discarded call (or ``warm``'s, a small copy), then at least
+    ``cpu_min_reps`` calls (1 if the discarded call, or ``warm``'s case by estimate, is over ``long_call_s``)
+    until ``cpu_budget_s`` of calls (<= ``cpu_max_reps``), gradients dropped before each, the GC paused."""
+    if sweep.device == "cuda":
+        import triton.testing
 
-    kw = dict(warmup=sweep.cuda_warmup_ms, rep=sweep.cuda_rep_ms, grad_to_none=w.grads, return_mode="all")
-    return list(triton.testing.do_bench(w.step, **kw))
-
-
-def time_cpu(w: Workload, sweep: Sweep, warm: Workload | None = None) -> list[float]:
-    """One discarded call (or ``warm``, a small copy's), then at least ``cpu_min_reps`` calls (one if the
-    discarded call, or ``warm``'s case by estimate, took over ``long_call_s``) until ``cpu_budget_s`` of
-    calls, at most ``cpu_max_reps``. Gradients are dropped before each call, untimed; the GC is paused."""
+        kw = dict(warmup=sweep.cuda_warmup_ms, rep=sweep.cuda_rep_ms, grad_to_none=w.grads, return_mode="all")
+        return list(triton.testing.do_bench(w.step, **kw))
     w.clear()
     t0 = time.perf_counter()
     (warm or w).step()
-    long = warm is not None or time.perf_counter() - t0 > sweep.long_call_s
-    samples, collecting = [], gc.isenabled()
-    gc.disable()
+    reps, samples = 1 if warm or time.perf_counter() - t0 > sweep.long_call_s else sweep.cpu_min_reps, []
+    gc.disable()  # no collector pauses inside the timed calls (refcounting still frees)
     try:
-        while len(samples) < sweep.cpu_max_reps and (
-            len(samples) < (1 if long else sweep.cpu_min_reps) or sum(samples) < sweep.cpu_budget_s * 1e3
-        ):
+        while len(samples) < sweep.cpu_max_reps and (len(samples) < reps or sum(samples) < sweep.cpu_budget_s * 1e3):
             w.clear()
             t0 = time.perf_counter()
             w.step()
             samples.append((time.perf_counter() - t0) * 1e3)
     finally:
-        if collecting:
-            gc.enable()
+        gc.enable()
     return samples
-
-
-def time_samples(w: Workload, sweep: Sweep, warm: Workload | None = None) -> list[float]:
-    return time_cuda(w, sweep) if sweep.device == "cuda" else time_cpu(w, sweep, warm)
 
 
 def _git_commit() -> str | None:
@@ -127,82 +116,71 @@ def backend(provider: str, device: str, dtype: str) -> str:
 
 
 class Runner:
-    """Runs cases in order and keeps what it needs across them: the ceilings measured so far, each kind
-    of case's times (the CPU estimate), the providers' compiled functions and value checks."""
+    """Runs cases in order and keeps what it needs across them: the best ceilings so far, the times of each
+    kind of case (the CPU estimate), the providers' compiled functions and value checks."""
 
     def __init__(self, sweep: Sweep, env: dict, log=print):
         self.sweep, self.env, self.log = sweep, env, log
         self.best: dict[tuple[str, str], float] = {}  # (dtype, unit) -> best rate over every ceiling round
-        self.history: dict = {}
-        self.providers = Providers()
-        self._logged: set[str] = set()
+        self.history, self.providers, self._logged = {}, Providers(), set()
 
     def ceilings(self, when: str) -> list[dict]:
-        """One round of the ceilings: fp32 copy bandwidth and the matmul rate of each dtype. ``finish`` divides by
-        the best call over every round (the run measures at its start and its end): load only slows a call."""
+        """A round of ceilings: the fp32 copy bandwidth and each dtype's matmul rate, >= 10 calls each on CPU.
+        ``finish`` divides by the best call over every round: load only ever slows a call."""
         dev, out = self.sweep.device, []
         n, nbytes = (4096, 2**30) if dev == "cuda" else (2048, 2**28)
-        x = torch.randn(nbytes // 4, device=dev)
-        y = torch.empty_like(x)
-        runs = [("peak-copy", "fp32", "GB/s", 2 * nbytes / 1e9, lambda: y.copy_(x), "y.copy_(x), bytes read + written")]
+        x, y = torch.randn(nbytes // 4, device=dev), torch.empty(nbytes // 4, device=dev)
+        runs = [("peak-copy", "fp32", "GB/s", 2 * nbytes / 1e9, lambda: y.copy_(x), "y.copy_(x), read + written")]
         for dtype in self.sweep.dtypes if dev == "cuda" else ("fp32",):
             a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
             runs.append(("peak-matmul", dtype, "TFLOP/s", 2 * n**3 / 1e12, lambda a=a, b=b: a @ b, f"a @ b, {n}³"))
         sweep = dataclasses.replace(self.sweep, cpu_budget_s=max(self.sweep.cpu_budget_s, 2.0), cpu_min_reps=10)
         for op, dtype, unit, amount, step, what in runs:
             ms = time_samples(Workload(step, []), sweep)
-            best = amount / (min(ms) * 1e-3)
-            self.best[(dtype, unit)] = max(self.best.get((dtype, unit), 0.0), best)
+            best = self.best[(dtype, unit)] = max(self.best.get((dtype, unit), 0.0), amount / min(ms) * 1e3)
             med, p20, p80 = quantiles(ms)
-            rates = tuple(amount / (t * 1e-3) for t in (med, p80, p20))  # the slow call gives the low rate
-            note = f"{what}; {when}; best call {best:.3g} {unit}"
-            case = Case(op, "torch", "forward", dtype, 1, 0, 0, dev)
-            out.append(self._record(case, "throughput", unit, rates, note, samples=len(ms)))
+            rates = tuple(amount / t * 1e3 for t in (med, p80, p20))  # the slow call gives the low rate
+            note = f"{what}, {when}; best call so far {best:.3g} {unit}"
+            out.append(self._record(Case(op, "torch", "forward", dtype, 1, 0, 0, dev), "throughput", unit, rates, note))
         return out
 
     def run(self, case: Case, elapsed_s: float = 0.0) -> list[dict]:
+        """The records of one case: time, memory and throughput (``finish`` adds the roofline), or why not."""
         if self.sweep.budget_s is not None and elapsed_s > self.sweep.budget_s:
             return self._all(case, "skipped", f"the run's time budget ({self.sweep.budget_s:g} s) was spent")
-        verdict = cases.precheck(case, self.sweep)
-        reason = unavailable(case)
-        if verdict or reason:
-            return self._all(case, *(verdict or ("skipped", reason)))
-        records = []
+        if verdict := cases.precheck(case, self.sweep) or (("skipped", why) if (why := unavailable(case)) else None):
+            return self._all(case, *verdict)
+        records, w = [], None
         try:
             fn = self.providers.loss_fn(case)
             if case.provider in cases.PEERS:
                 bad, compile_s = self.providers.check(case, fn, self.history)
                 if compile_s is not None:
-                    note = "first call of the value check minus a second call: compilation (cached on disk after)"
+                    note = "first call of the value check minus a second call: compilation (cached on disk)"
                     records.append(self._record(case, "compile", "s", (compile_s,) * 3, note))
                 if bad:
-                    self._log_once(f"{case.provider} {case.op}: {bad}")
+                    self._log_once(f"error: {case.provider} {case.op}: {bad}")
                     return records + self._all(case, "error", bad)
+            if verdict := cases.too_slow(case, self.sweep, self.history):
+                return records + self._all(case, *verdict)
+            w, guess, small = (
+                workload(case, fn, rotate=True),
+                cases.estimate_s(case, self.history),
+                cases.warmup_case(case),
+            )
+            long = case.device == "cpu" and guess and guess[0] > self.sweep.long_call_s and small != case
+            ms = time_samples(w, self.sweep, workload(small, fn) if long else None)
         except Exception as e:
+            w = None  # drop the inputs before _failure frees memory
             return records + self._all(case, *self._failure(case, e))
-        verdict = cases.too_slow(case, self.sweep, self.history)
-        if verdict:
-            return records + self._all(case, *verdict)
-        try:
-            w = workload(case, fn, rotate=True)
-            guess, small = cases.estimate_s(case, self.history), cases.warmup_case(case)
-            long = case.device == "cpu" and guess and guess[0] > self.sweep.long_call_s
-            warm = workload(small, fn) if long and small != case else None
-            ms = time_samples(w, self.sweep, warm)
-        except Exception as e:
-            w = warm = None  # noqa: F841  (drop the inputs before _failure frees memory)
-            return records + self._all(case, *self._failure(case, e))
-        del w, warm
-        stats = quantiles(ms)
+        stats, w = quantiles(ms), None
         cases.remember(self.history, case, stats[0] * 1e-3)
         records.append(self._record(case, "time", "ms", stats, samples=len(ms)))
-        records.append(self._memory(case, fn, stats[0] * 1e-3))
-        records.append(self._throughput(case, stats))
-        return records
+        return records + [self._memory(case, fn, stats[0] * 1e-3), self._throughput(case, stats)]
 
     def _failure(self, case: Case, e: Exception) -> tuple[str, str]:
-        """(status, note) for an exception, after freeing what the failed case left behind. A provider that
-        fails on its own (torch.compile, a peer) is skipped with the reason; fastpatchdiv's failure is an error."""
+        """(status, note) for an exception, after freeing what the case left. A provider failing on its own
+        (torch.compile, a peer) is skipped with the reason; fastpatchdiv or the eager reference failing is an error."""
         e.__traceback__ = None  # its frames hold the case's tensors
         gc.collect()
         if case.device == "cuda":
@@ -212,26 +190,24 @@ class Runner:
             cap = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB device" if dev else "CPU"
             return "oom", f"out of memory ({cap}): {first_line(e, 200)}"
         status = "error" if case.provider in ("fastpatchdiv", "torch") else "skipped"
-        note = f"{case.provider} failed: {first_line(e)}"
-        self._log_once(f"{status}: {case.label()}: {note}")
-        return status, note
+        self._log_once(f"{status}: {case.label()}: {case.provider} failed: {first_line(e)}")
+        return status, f"{case.provider} failed: {first_line(e)}"
 
     def _memory(self, case: Case, fn, seconds: float) -> dict:
-        if not self.sweep.measure_memory:
-            return self._record(case, "memory", "MiB", None, "memory not measured (--no-memory)", "skipped")
-        if case.device == "cuda":
+        status, peak, note = "skipped", None, "memory not measured (--no-memory)"
+        if self.sweep.measure_memory and case.device == "cuda":
             try:
                 status, peak, note = "ok", memory.cuda_peak_bytes(case, fn), ""
             except Exception as e:
-                (status, note), peak = self._failure(case, e), None
-        else:  # a warm-up and the measured step in the child, and compilation for torch.compile
+                status, note = self._failure(case, e)
+        elif self.sweep.measure_memory:  # a warm-up and the measured step in a child, plus torch.compile's compilation
             status, peak, note = memory.cpu_peak_bytes(case, timeout_s=300 + 10 * seconds)
             if status != "ok":
                 self._log_once(f"memory of {case.label()}: {status}: {note}")
-        return self._record(case, "memory", "MiB", None if peak is None else (peak / MIB,) * 3, note, status)
+        return self._record(case, "memory", "MiB", None if peak is None else (peak / 2**20,) * 3, note, status)
 
     def _throughput(self, case: Case, stats: tuple) -> dict:
-        """Work done per second: 2·MACs of the provider's path (cases.COST), or minimal bytes of an O(N·D) op."""
+        """Work done per second: 2·MACs of the provider's path (cases.COST), or the minimal bytes of an O(N·D) op."""
         op, path = OPS[case.op], backend(case.provider, case.device, case.dtype)
         if op.min_bytes is not None:
             amount, unit = op.min_bytes(case.B, case.N, case.D, DTYPES[case.dtype].itemsize, case.mode), "GB/s"
@@ -240,7 +216,7 @@ class Runner:
         if amount != amount or amount == 0:
             why = f"no cost model row for {case.provider}/{path}" if amount else "n/a, O(N·D): done in the forward"
             return self._record(case, "throughput", unit, None, why, "n/a")
-        rate = tuple(amount / (t * 1e-3) / (1e9 if unit == "GB/s" else 1e12) for t in (stats[0], stats[2], stats[1]))
+        rate = tuple(amount / t / (1e6 if unit == "GB/s" else 1e9) for t in (stats[0], stats[2], stats[1]))
         return self._record(case, "throughput", unit, rate, f"{'bytes' if unit == 'GB/s' else '2·MACs'} = {amount:.3g}")
 
     def finish(self, records: list[dict]) -> list[dict]:
@@ -253,15 +229,14 @@ class Runner:
             if r["status"] != "ok" or not peak:
                 out.append(roof if peak else {**roof, "status": "skipped", "note": f"no {r['unit']} ceiling"})
                 continue
-            note = f"of the best {'matmul rate' if r['unit'] == 'TFLOP/s' else 'copy bandwidth'} measured in this run"
+            note = f"of the best {'matmul rate' if r['unit'] == 'TFLOP/s' else 'copy bandwidth'} of the run"
             note = f"{ANOMALY if r['median'] > peak else ''}{note}, {peak:.3g} {r['unit']}"
             out.append({**roof, "note": note, **{k: r[k] / peak for k in ("median", "p20", "p80")}})
         return records + out
 
     def _all(self, case: Case, status: str, note: str) -> list[dict]:
-        unit = "GB/s" if OPS[case.op].min_bytes else "TFLOP/s"
-        metrics = (("time", "ms"), ("memory", "MiB"), ("throughput", unit))
-        return [self._record(case, m, u, None, note, status) for m, u in metrics]
+        units = (("time", "ms"), ("memory", "MiB"), ("throughput", "GB/s" if OPS[case.op].min_bytes else "TFLOP/s"))
+        return [self._record(case, m, u, None, note, status) for m, u in units]
 
     def _record(self, case: Case, metric, unit, values, note="", status="ok", samples=None) -> dict:
         median, p20, p80 = values if values is not None else (None, None, None)

@@ -15,16 +15,14 @@ import torch
 
 from benchmarks import cases
 from benchmarks.memory import is_oom
-from benchmarks.providers import Providers, compile_in_process, first_line, quiet, unavailable
+from benchmarks.providers import Providers, first_line, setup, unavailable
 from benchmarks.runner import backend
 
 DEVICE = os.environ.get("FASTPATCHDIV_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 SWEEP = cases.default_sweep(DEVICE, os.environ.get("FASTPATCHDIV_BENCH", "quick"))
 HISTORY: dict = {}
 PROVIDERS = Providers()
-quiet()
-if DEVICE == "cpu":
-    compile_in_process()
+setup(DEVICE)
 
 
 @pytest.mark.parametrize("case", cases.cases(SWEEP), ids=lambda c: c.label().replace(" ", "-"))
