@@ -22,9 +22,12 @@ FLAG_NOTE = (
 def write_all(records: list[dict], out: Path, config: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"config": config, "records": records}, indent=1) + "\n")
-    pngs = plots(records, out)
+    keys = sorted({(m, r["dtype"], r["D"]) for r in _cases(records) for m in ("time", "memory", "roofline")})
+    pngs = [out / f"{metric}_{dtype}_D{d}.png" for metric, dtype, d in keys]
     (out / "results.md").write_text(markdown(records, config, [p.name for p in pngs]))
     (out / "summary.md").write_text("\n".join(summary(records)))
+    for (metric, dtype, d), path in zip(keys, pngs, strict=True):  # last: the tables survive a plotting error
+        _grid(records, metric, dtype, d, path)
     return [out / "results.json", out / "results.md", out / "summary.md", *pngs]
 
 
@@ -154,7 +157,8 @@ def summary(records: list[dict]) -> list[str]:
 
 
 def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
-    env = records[0] if records else {}
+    env, sw, tokens = records[0] if records else {}, config.get("sweep") or {}, config.get("tokens")
+    peaks = [r for r in records if r["op"].startswith("peak-")]
     lines = [
         f"# fastpatchdiv benchmarks: {env.get('device_name', '?')}",
         "",
@@ -163,22 +167,16 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
         f"- Date: {env.get('date')}; the run took {config.get('elapsed_s', '?')} s; load average at its start "
         f"{config.get('load_average_at_start', '?')}, at its end {config.get('load_average_at_end', '?')}",
         f"- Command: `{config.get('command', '')}`",
-        f"- Shapes: B·N = {config.get('tokens')} patch tokens per case (B = max(1, {config.get('tokens')} // N)); "
-        "inputs ~ N(0, D^-1/2); `first` detached, `last` requires grad",
-    ]
-    lines += [
-        f"- Ceiling {r['op'][5:]} ({r['dtype']}): {_fmt(r['median'])} {r['unit']} median, {r['note']}"
-        for r in records
-        if r["op"].startswith("peak-")
-    ]
-    if sw := config.get("sweep"):
-        cpu = f"{sw['cpu_min_reps']} calls until {sw['cpu_budget_s']} s (<= {sw['cpu_max_reps']}), a call over"
-        lines.append(
-            f"- Sweep: {sw['kind']}. CPU ({config.get('threads')} threads): 1 discarded call, then >= {cpu} "
-            f"{sw['long_call_s']} s timed once; memory: peak RSS growth in a fresh child. CUDA: do_bench "
-            f"({sw['cuda_warmup_ms']} / {sw['cuda_rep_ms']} ms); max_memory_allocated. See benchmarks/README.md"
-        )
-    lines += [
+        f"- Shapes: B·N = {tokens} patch tokens per case (B = max(1, {tokens} // N)); inputs ~ N(0, D^-1/2); "
+        "`first` detached, `last` requires grad",
+        *(
+            f"- Ceiling {r['op'][5:]} ({r['dtype']}): {_fmt(r['median'])} {r['unit']} median, {r['note']}"
+            for r in peaks
+        ),
+        f"- Sweep: {sw.get('kind')}. CPU ({config.get('threads')} threads): 1 discarded call, then >= "
+        f"{sw.get('cpu_min_reps')} calls until {sw.get('cpu_budget_s')} s (<= {sw.get('cpu_max_reps')}), a call over "
+        f"{sw.get('long_call_s')} s timed once; memory: peak RSS growth in a fresh child. CUDA: do_bench "
+        f"({sw.get('cuda_warmup_ms')} / {sw.get('cuda_rep_ms')} ms); max_memory_allocated. See benchmarks/README.md",
         "",
         "Time in ms as median (p20–p80). Speed-up = other's time / fastpatchdiv's; saving = other's peak memory / "
         "fastpatchdiv's (both above the inputs). Throughput counts the work each provider's path does "
@@ -186,33 +184,25 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
         "as a % of the best ceiling above. A `*` marks a case that did not run; the reason is under its table.",
         "",
     ]
-    if table := summary(records):
-        lines += ["## Summary", ""] + table
-    rows = Rows(records)
-    recs = _cases(records)
-    for op, dtype, d in sorted(
-        {(r["op"], r["dtype"], r["D"]) for r in recs}, key=lambda s: (list(OPS).index(s[0]), s[1:])
-    ):
+    lines += ["## Summary", "", *table] if (table := summary(records)) else []
+    rows, recs = Rows(records), _cases(records)
+    for op, dtype, d in sorted({(r["op"], r["dtype"], r["D"]) for r in recs}, key=lambda k: (list(OPS).index(k[0]), k)):
         mine = _cases(records, op=op, dtype=dtype, D=d)
         providers = _ordered([r["provider"] for r in mine], PROVIDERS)
-        others = [p for p in providers if p != "fastpatchdiv"]
-        unit = "TFLOP/s" if OPS[op].min_bytes is None else "GB/s"
-        lines += [
-            f"## {op} · {dtype} · D={d} ({'compute-bound, O(N²·D)' if unit == 'TFLOP/s' else 'memory-bound, O(N·D)'})",
-            "",
-        ]
+        others, batch = [p for p in providers if p != "fastpatchdiv"], {r["N"]: str(r["B"]) for r in mine}
+        unit, bound = (
+            ("TFLOP/s", "compute-bound, O(N²·D)") if OPS[op].min_bytes is None else ("GB/s", "memory-bound, O(N·D)")
+        )
+        lines += [f"## {op} · {dtype} · D={d} ({bound})", ""]
         for mode in _ordered([r["mode"] for r in mine], list(MODES)):
             key, ns = (op, mode, dtype, d), sorted({r["N"] for r in mine if r["mode"] == mode})
-            batch = {r["N"]: str(r["B"]) for r in mine}
-            header = ["N", "B"] + [f"{p} ms" for p in providers] + [f"speed-up vs {p}" for p in others]
-            times = _table(
-                header + [f"{p} {unit} (% of peak)" for p in providers],
-                [[str(n), batch[n]] + rows.row(key, n, providers, "Tsr") for n in ns],
-            )
-            header = ["N", "B"] + [f"{p} MiB" for p in providers] + [f"saving vs {p}" for p in others]
-            mems = _table(header, [[str(n), batch[n]] + rows.row(key, n, providers, "mv") for n in ns])
-            lines += [f"### {mode}", ""] + times + [""] + mems + [""] + rows.footnotes() + [""]
-    lines += ["## First calls", ""] + _compile_notes(records) + [""] if _compile_notes(records) else []
+            head = ["N", "B"] + [f"{p} ms" for p in providers] + [f"speed-up vs {p}" for p in others]
+            head += [f"{p} {unit} (% of peak)" for p in providers]
+            times = _table(head, [[str(n), batch[n]] + rows.row(key, n, providers, "Tsr") for n in ns])
+            head = ["N", "B"] + [f"{p} MiB" for p in providers] + [f"saving vs {p}" for p in others]
+            mems = _table(head, [[str(n), batch[n]] + rows.row(key, n, providers, "mv") for n in ns])
+            lines += [f"### {mode}", "", *times, "", *mems, "", *rows.footnotes(), ""]
+    lines += ["## First calls", "", *notes, ""] if (notes := _compile_notes(records)) else []
     return "\n".join(lines + (["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""] if pngs else []))
 
 
@@ -224,10 +214,11 @@ def _grid(records, metric, dtype, d, path) -> None:
     fig = Figure(figsize=(max(5.0, 4.2 * len(modes)), 3.3 * len(ops)))
     axes = fig.subplots(len(ops), len(modes), squeeze=False)
     for (i, op), (j, mode) in ((a, b) for a in enumerate(ops) for b in enumerate(modes)):
-        ax, ns = axes[i][j], sorted({r["N"] for r in recs if r["op"] == op})
+        ax, ns, plotted = axes[i][j], sorted({r["N"] for r in recs if r["op"] == op}), metric == "roofline"
         for p in _ordered([r["provider"] for r in recs if r["op"] == op], PROVIDERS):
             points = sorted(_cases(recs, op=op, mode=mode, provider=p), key=lambda r: r["N"])
             ok = [r for r in points if r["status"] == "ok" and r["median"]]
+            plotted |= bool(ok)
             bad = defaultdict(list)
             for r in points:
                 if r["status"] != "ok":
@@ -238,7 +229,8 @@ def _grid(records, metric, dtype, d, path) -> None:
             ax.fill_between(*band, color=COLORS.get(p), alpha=0.2)
         if metric == "roofline":
             ax.axhline(1.0, color="red", lw=0.8, ls="--")
-        ax.set(xscale="log", yscale="log", xlabel="N (patches)", title=f"{op} · {mode}", ylabel=UNITS[metric])
+        ax.set(xscale="log", yscale="log" if plotted else "linear", xlabel="N (patches)", ylabel=UNITS[metric])
+        ax.set_title(f"{op} · {mode}")
         ax.set_xticks(ns, [str(n) for n in ns], rotation=45, fontsize=7, minor=False)
         ax.set_xticks([], minor=True)
         ax.grid(True, which="both", alpha=0.3)
@@ -253,12 +245,3 @@ UNITS = {
     "memory": "peak MiB above the inputs",
     "roofline": "fraction of the best ceiling\n(matmul; O(N·D) ops: copy)",
 }
-
-
-def plots(records: list[dict], out: Path) -> list[Path]:
-    paths = []
-    for dtype, d in sorted({(r["dtype"], r["D"]) for r in _cases(records)}):
-        for metric in ("time", "memory", "roofline"):
-            paths.append(out / f"{metric}_{dtype}_D{d}.png")
-            _grid(records, metric, dtype, d, paths[-1])
-    return paths

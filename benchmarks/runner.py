@@ -146,10 +146,10 @@ class Runner:
 
     def run(self, case: Case, elapsed_s: float = 0.0) -> list[dict]:
         """The records of one case: time, memory and throughput (``finish`` adds the roofline), or why not."""
-        if self.sweep.budget_s is not None and elapsed_s > self.sweep.budget_s:
-            return self._all(case, "skipped", f"the run's time budget ({self.sweep.budget_s:g} s) was spent")
         if verdict := cases.precheck(case, self.sweep) or (("skipped", why) if (why := unavailable(case)) else None):
             return self._all(case, *verdict)
+        if self.sweep.budget_s is not None and elapsed_s > self.sweep.budget_s:
+            return self._all(case, "skipped", f"the run's time budget ({self.sweep.budget_s:g} s) was spent")
         records, w = [], None
         try:
             fn = self.providers.loss_fn(case)
