@@ -37,11 +37,12 @@ def test_speed(benchmark, case: cases.Case):
         fn = PROVIDERS.loss_fn(case)
         if case.provider in cases.PEERS and (bad := PROVIDERS.check(case, fn, HISTORY)[0]):
             pytest.fail(bad)
-        w = cases.workload(case, fn, cases.n_input_sets(case))
+        w = cases.workload(case, fn, rotate=True)
         rounds = SWEEP.cpu_min_reps if DEVICE == "cpu" else 20
         benchmark.pedantic(lambda: (w.step(), sync()), setup=w.clear, rounds=rounds, warmup_rounds=1)
     except Exception as e:  # as the CLI: out of memory, or a provider other than ours failing, is a skip
         if is_oom(e) or case.provider not in ("fastpatchdiv", "torch"):
             pytest.skip(first_line(e))
         raise
-    cases.remember(HISTORY, case, benchmark.stats.stats.median)
+    if benchmark.stats:  # None under --benchmark-disable
+        cases.remember(HISTORY, case, benchmark.stats.stats.median)

@@ -179,3 +179,18 @@ def test_keops_provider_on_a_tiny_case():
         time_record = next(r for r in records if r["metric"] == "time")
         assert time_record["status"] == "ok", time_record
         assert any(r["metric"] == "compile" for r in records), records
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_entry_point_runs_the_cli_cases():
+    """``pytest benchmarks/`` (the contract's pytest-benchmark entry) collects the CLI's quick cases and runs them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_speed.py"]
+        + ["--benchmark-disable", "-k", "full and 64 and (cosine or all) and not keops"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "6 passed" in proc.stdout and "1 skipped" in proc.stdout, proc.stdout[-1000:]  # inf-cl: CUDA only
