@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,7 @@ def test_pytest_benchmark_entry_point_runs_the_cli_cases():
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "FASTPATCHDIV_BENCH_DEVICE": "cpu"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "6 passed" in proc.stdout and "1 skipped" in proc.stdout, proc.stdout[-1000:]  # inf-cl: CUDA only
