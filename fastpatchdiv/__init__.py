@@ -3,11 +3,12 @@
 Losses of Gong et al. 2021, "Vision Transformers with Patch Diversification" (arXiv 2104.12753).
 """
 
-from fastpatchdiv.contrastive import PatchContrastiveLoss, patch_contrastive_loss
+from fastpatchdiv.contrastive import PatchContrastiveFunction, PatchContrastiveLoss, patch_contrastive_loss
 from fastpatchdiv.cosine import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
 
 __version__ = "0.1.0"
 __all__ = [
+    "PatchContrastiveFunction",
     "PatchContrastiveLoss",
     "PatchCosineFunction",
     "PatchCosineLoss",

@@ -1,9 +1,14 @@
-"""Input checks, backend dispatch and reductions shared by every loss.
+"""Input checks, backend dispatch, numerics helpers and reductions shared by every loss.
 
-Each public loss checks its arguments once, here, so the messages read the same across ops.
+Each public loss checks its arguments here, once, before its library op runs, so the messages read the
+same across ops and ``torch.compile`` sees only the op.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from numbers import Real
 
 import torch
 
@@ -12,6 +17,8 @@ BACKENDS = ("auto", "triton", "torch")
 EPS = 1e-12
 # Floating dtypes the Triton kernels take; float64 always goes to the PyTorch path.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernels scale logits by 1/τ in fp32: a smaller τ would make that factor infinite.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
 def interpreting() -> bool:
@@ -21,7 +28,8 @@ def interpreting() -> bool:
     return INTERPRETER
 
 
-def check_tokens(name: str, x) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------- checks
+def check_tokens(name: str, x: torch.Tensor) -> torch.Tensor:
     """Return ``x`` viewed as (B, N, D), or raise for anything that is not patch tokens."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -37,10 +45,51 @@ def check_tokens(name: str, x) -> torch.Tensor:
     return x3
 
 
-def check_reduction(reduction) -> str:
+def check_mask(mask: torch.Tensor | None, x3: torch.Tensor, two_dim: bool) -> torch.Tensor | None:
+    """A (B, N) bool mask of real patches for tokens ``x3`` (B, N, D); (N,) for 2-D tokens."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = a real patch), got {mask.dtype}")
+    want = tuple(x3.shape[1:2]) if two_dim else tuple(x3.shape[:2])
+    if tuple(mask.shape) != want:
+        raise ValueError(
+            f"mask must have shape {want} (the tokens' {'(N,)' if two_dim else '(B, N)'}), got {tuple(mask.shape)}"
+        )
+    if mask.device != x3.device:
+        raise ValueError(f"mask must be on the tokens' device {x3.device}, got {mask.device}")
+    return mask.reshape(x3.shape[:2])
+
+
+def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
+    tau = float(temperature)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if tau < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (1/τ must be finite in float32), got {tau!r}")
+    return tau
+
+
+def check_flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def pick_backend(x: torch.Tensor, backend: str) -> str:
@@ -48,8 +97,7 @@ def pick_backend(x: torch.Tensor, backend: str) -> str:
 
     float64 always takes the PyTorch path: the kernels compute in fp32.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     kernel_ok = x.dtype in KERNEL_DTYPES and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
     if backend == "auto":
         return "triton" if kernel_ok else "torch"
@@ -61,19 +109,84 @@ def pick_backend(x: torch.Tensor, backend: str) -> str:
     return backend
 
 
+# ----------------------------------------------------------------------------------------- numerics
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss accumulates and is returned in: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def no_autocast(device_type: str):
+    """Autocast off, so the ops' matmuls run in the dtypes chosen here and accumulate in fp32."""
+    if device_type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂ = x / max(|x|, eps) per row and |x|, without overflow or underflow in the norm.
+
+    The norm is taken of x / max_j |x_j| (entries in [-1, 1]), so tokens of 1e20 in fp32 or bf16, whose
+    squares overflow, still normalise exactly. The scale is detached: x̂ does not depend on it, so the
+    gradient is that of x / |x|. A row with a NaN stays NaN. Returns (x̂, |x|) in x's dtype.
+    """
+    scale = x.detach().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xs = x / scale
+    n = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    norm = n * scale
+    big = norm >= EPS
+    # Each branch divides by something nonzero, so the branch where() drops has a finite gradient.
+    xhat = torch.where(big, xs / torch.where(big, n, torch.ones_like(n)), x / EPS)
+    return xhat, norm.squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------- double backward
+class _SecondOrderRefused(torch.autograd.Function):
+    """Identity on the gradients, tied to the inputs they depend on; differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, name, *tensors):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors[1:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{ctx.name}: double backward (a gradient of its gradient, e.g. a gradient penalty) is not supported: "
+            "the fused backward is not itself differentiable. negatives='mean' and 'window' of "
+            "patch_contrastive_loss are plain autograd and support it."
+        )
+
+
+def refuse_double_backward(name: str, anchor: torch.Tensor, grads: tuple) -> tuple:
+    """``grads`` as a Function's backward returns them; under ``create_graph=True`` they come back tied to
+    ``anchor`` (an input that requires grad) through a node that raises when differentiated, so a second
+    derivative fails loudly instead of silently missing this loss's terms."""
+    if not (torch.is_grad_enabled() and anchor.requires_grad):
+        return grads
+    present = [g for g in grads if g is not None]
+    tied = iter(_SecondOrderRefused.apply(name, anchor, *present))
+    return tuple(next(tied) if g is not None else None for g in grads)
+
+
+# --------------------------------------------------------------------------------------- reductions
+def valid_counts(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """N_b, the real patches of each image, as a (B,) float64 tensor."""
+    if mask is None:
+        return torch.full((batch,), float(n), dtype=torch.float64, device=device)
+    return mask.sum(dim=1, dtype=torch.float64)
+
+
+def pair_scale(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """c_b = 1/(N_b(N_b − 1)), the weight of each ordered pair of an image's real patches; 0 where N_b < 2."""
+    nb = valid_counts(mask, batch, n, device)
+    return torch.where(nb >= 2, 1.0 / (nb * (nb - 1)).clamp_min(1.0), torch.zeros_like(nb))
+
+
 def reduce_images(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
-    """(B,) float32 per-image losses -> the requested reduction."""
+    """(B,) per-image losses -> the requested reduction ("mean" of an empty batch is NaN, as in torch)."""
     if reduction == "mean":
         return per_image.mean()
     if reduction == "sum":
         return per_image.sum()
     return per_image
-
-
-def per_image_grad(grad_output: torch.Tensor, reduction: str, batch: int) -> torch.Tensor:
-    """d(reduced)/d(per-image loss) times grad_output, as a (B,) float32 vector."""
-    g = grad_output.float()
-    if reduction == "none":
-        return g.reshape(batch)
-    scale = 1.0 / batch if reduction == "mean" else 1.0
-    return (g * scale).reshape(1).expand(batch)

@@ -9,20 +9,41 @@ patches. With s(u, v) = u·v / τ, pos_i = s(a_i, z_i) and the per-image loss me
   w_i = (box_k(Z)_i − z_i)/(k² − 1), box_k the k x k zero-padded sum on the (H, W) patch grid.
   O(N·D), plain torch.
 - ``negatives="all"`` (InfoNCE over all patches): ℓ_i = lse_j s(a_i, z_j) − pos_i. O(N²·D) work but
-  O(N·D) memory: a fused Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), else a blockwise
-  PyTorch path with the same tiling. See ``kernels/contrastive.py`` and shared/DESIGN.md.
+  O(N·D) memory: the fused Triton kernels of ``fastpatchdiv.kernels.contrastive`` (CUDA, or CPU under
+  TRITON_INTERPRET=1), else a PyTorch path of exact row strips. Two library ops
+  (``fastpatchdiv::contrastive_all_forward`` / ``_backward``) keep it opaque to ``torch.compile``, and
+  ``PatchContrastiveFunction`` carries autograd.
+
+Shape:
+    first, last: (B, N, D) or (N, D); mask: (B, N) or (N,) bool; loss: scalar, or (B,) for
+    ``reduction="none"``.
+
+Example:
+    >>> first, last = torch.randn(8, 196, 384), torch.randn(8, 196, 384, requires_grad=True)
+    >>> patch_contrastive_loss(first, last, negatives="all", temperature=0.1).backward()
 """
 
-from __future__ import annotations
-
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpatchdiv._common import EPS, check_reduction, check_tokens, pick_backend, reduce_images
+from fastpatchdiv._common import (
+    check_backend,
+    check_flag,
+    check_mask,
+    check_reduction,
+    check_temperature,
+    check_tokens,
+    no_autocast,
+    normalize_rows,
+    pick_backend,
+    reduce_images,
+    refuse_double_backward,
+    valid_counts,
+    work_dtype,
+)
 
 NEGATIVES = ("mean", "window", "all")
 
@@ -33,30 +54,36 @@ _TORCH_TILE_ELEMS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------------
-# negatives="all": the autograd Function around the kernels and the PyTorch strip path
+# negatives="all": the PyTorch strip path, the library ops and the autograd Function
 # ----------------------------------------------------------------------------------------------------
 
 
-def _torch_all(a: torch.Tensor, z: torch.Tensor, temperature: float, need_a: bool, need_z: bool):
-    """Row loss ℓ (B, N) and, where asked, the gradients for a unit per-image factor coef = 1.
+def _torch_all(
+    a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None, temperature: float, need_a: bool, need_z: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Row loss ℓ (B, N) and, where asked, the gradients of Σ_i ℓ_i (a unit factor per row).
 
     A strip holds whole rows, so its log-sum-exp is exact at once and P − I is ready in the same pass:
     dA_I = (P − I) Z and dZ += (P − I)ᵀ A_I. Forward and backward together cost what autograd of the
     naive formula costs (N²·D, plus N²·D for each gradient), with O(t·N) scratch instead of N x N.
     The strip is held transposed, (B, N, t) = Z A_Iᵀ: with t small and N large, both GEMMs then run
-    on contiguous operands (1.4x faster end to end at N = 65536 on a 2-core CPU), and the softmax
-    takes one exp per element. Strips are visited in order, so the result is deterministic.
+    on contiguous operands, and the softmax takes one exp per element. Strips are visited in order, so
+    the result is deterministic. Masked columns get the dtype's lowest value (finite, so an image
+    without real patches stays finite); masked tokens arrive zeroed and add nothing to the gradients.
     """
     B, N, _ = a.shape
-    t = max(1, min(N, _TORCH_TILE_ELEMS // (B * N)))
+    t = max(1, min(N, _TORCH_TILE_ELEMS // max(1, B * N)))
     row_loss = torch.empty((B, N), dtype=a.dtype, device=a.device)
     da = torch.empty_like(a) if need_a else None
     dz = torch.zeros_like(z) if need_z else None
+    dropped = None if mask is None else ~mask.unsqueeze(-1)  # (B, N, 1): column j of every strip
     for i0 in range(0, N, t):
         i1 = min(i0 + t, N)
         ai = a[:, i0:i1]
         p = torch.bmm(z, ai.transpose(1, 2)).mul_(1.0 / temperature)  # column k is row i0 + k of S
         pos = p.diagonal(offset=-i0, dim1=1, dim2=2).clone()
+        if dropped is not None:
+            p.masked_fill_(dropped, torch.finfo(p.dtype).min)
         m = p.amax(dim=1, keepdim=True)
         total = p.sub_(m).exp_().sum(dim=1, keepdim=True)
         row_loss[:, i0:i1] = (m + total.log()).squeeze(1) - pos
@@ -70,80 +97,165 @@ def _torch_all(a: torch.Tensor, z: torch.Tensor, temperature: float, need_a: boo
     return row_loss, da, dz
 
 
-class _AllNegatives(torch.autograd.Function):
-    """(A, Z) of shape (B, N, D) -> per-image loss (B,).
+def _image_mean(row_loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_{i real} ℓ_i / N_b per image, 0 where N_b < 2."""
+    B, N = row_loss.shape
+    if mask is None:
+        return row_loss.mean(dim=1)
+    nb = valid_counts(mask, B, N, row_loss.device).to(row_loss.dtype)
+    total = torch.where(mask, row_loss, torch.zeros_like(row_loss)).sum(dim=1)
+    return torch.where(nb >= 2, total / nb.clamp_min(1), torch.zeros_like(total))
 
-    Kernel path: saves only the row log-sum-exp and recomputes P tile by tile in the backward. PyTorch
-    path: when a backward can follow (``grad_enabled``, the caller's grad mode), the forward's strips
-    also form the gradients for a unit scale, and the backward only scales them.
-    """
 
-    @staticmethod
-    def forward(ctx, a, z, temperature, backend, grad_enabled=True):
-        ctx.temperature, ctx.backend = temperature, backend
+def _row_coef(grad: torch.Tensor, mask: torch.Tensor | None, n: int, temperature: float) -> torch.Tensor:
+    """g_b / (N_b τ) per image (0 where N_b < 2): d loss / d S carries 1/N_b, dS / d tokens carries 1/τ."""
+    nb = valid_counts(mask, grad.shape[0], n, grad.device)
+    coef = grad.double() / (nb.clamp_min(1) * temperature)
+    return torch.where(nb >= 2, coef, torch.zeros_like(coef))
+
+
+@torch.library.custom_op("fastpatchdiv::contrastive_all_forward", mutates_args=())
+def contrastive_all_forward_op(
+    a: torch.Tensor,
+    z: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    backend: str,
+    need_a: bool,
+    need_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss (B,), r0, r1). Kernel path: r0 = row lse in log2 units (B, N) fp32, r1 empty. PyTorch path:
+    r0 = Σ_i dℓ_i/dA and r1 = Σ_i dℓ_i/dZ (B, N, D) where asked (else empty)."""
+    work = work_dtype(a.dtype)
+    if a.shape[0] == 0:
+        return a.new_empty((0,), dtype=work), *_empty_residuals(a, backend, need_a, need_z)
+    with no_autocast(a.device.type):
         if backend == "triton":
             from fastpatchdiv.kernels.contrastive import contrastive_all_forward
 
-            lse, row_loss = contrastive_all_forward(a, z, temperature)
-            ctx.save_for_backward(a, z, lse)
+            lse2, row_loss = contrastive_all_forward(a, z, mask, temperature)
+            return _image_mean(row_loss, mask).to(work), lse2, a.new_empty((0,), dtype=torch.float32)
+        row_loss, da, dz = _torch_all(a, z, mask, temperature, need_a, need_z)
+        # Outputs may not alias one another: a fresh empty tensor for each gradient not asked for.
+        da, dz = (g if g is not None else a.new_empty((0,), dtype=work) for g in (da, dz))
+        return _image_mean(row_loss, mask), da, dz
+
+
+def _empty_residuals(a: torch.Tensor, backend: str, need_a: bool, need_z: bool):
+    B, N, D = a.shape
+    if backend == "triton":
+        return a.new_empty((B, N), dtype=torch.float32), a.new_empty((0,), dtype=torch.float32)
+    work = work_dtype(a.dtype)
+    return tuple(a.new_empty((B, N, D) if need else (0,), dtype=work) for need in (need_a, need_z))
+
+
+@contrastive_all_forward_op.register_fake
+def _(a, z, mask, temperature, backend, need_a, need_z):
+    return a.new_empty((a.shape[0],), dtype=work_dtype(a.dtype)), *_empty_residuals(a, backend, need_a, need_z)
+
+
+@torch.library.custom_op("fastpatchdiv::contrastive_all_backward", mutates_args=())
+def contrastive_all_backward_op(
+    a: torch.Tensor,
+    z: torch.Tensor,
+    mask: torch.Tensor | None,
+    r0: torch.Tensor,
+    r1: torch.Tensor,
+    grad: torch.Tensor,
+    temperature: float,
+    backend: str,
+    need_a: bool,
+    need_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA, dZ) in the inputs' dtype for the per-image loss gradient ``grad`` (B,); empty where not asked."""
+    B, N, _ = a.shape
+    if B == 0:
+        return tuple(torch.empty_like(a) if need else a.new_empty((0,)) for need in (need_a, need_z))
+    with no_autocast(a.device.type):
+        coef = _row_coef(grad, mask, N, temperature)
+        if backend == "triton":
+            from fastpatchdiv.kernels.contrastive import contrastive_all_backward
+
+            da, dz = contrastive_all_backward(a, z, r0, coef.float(), temperature, need_a, need_z)
         else:
-            need_a, need_z = (grad_enabled and n for n in ctx.needs_input_grad[:2])
-            row_loss, da, dz = _torch_all(a, z, temperature, need_a, need_z)
-            ctx.save_for_backward(da, dz)
-        return row_loss.mean(dim=1)
+            coef = coef.to(a.dtype if a.dtype == torch.float64 else torch.float32).view(-1, 1, 1)
+            da = (r0 * coef).to(a.dtype) if need_a else None
+            dz = (r1 * coef).to(z.dtype) if need_z else None
+        return tuple(g if g is not None else a.new_empty((0,)) for g in (da, dz))
+
+
+@contrastive_all_backward_op.register_fake
+def _(a, z, mask, r0, r1, grad, temperature, backend, need_a, need_z):
+    return tuple(torch.empty_like(a) if need else a.new_empty((0,)) for need in (need_a, need_z))
+
+
+class PatchContrastiveFunction(torch.autograd.Function):
+    """``PatchContrastiveFunction.apply(first, last, mask=None, temperature=1.0, backend="auto",
+    grad_enabled=True)`` -> per-image InfoNCE losses (B,) over all patches (``negatives="all"``).
+
+    first and last are (B, N, D) of one dtype; mask is (B, N) bool or None, with the masked tokens
+    already zeroed. Kernel path: saves only the row log-sum-exp and recomputes P tile by tile in the
+    backward. PyTorch path: when a backward can follow (``grad_enabled``, the caller's
+    ``torch.is_grad_enabled()``), the forward's strips also form the gradients and the backward only
+    scales them. Inputs are not checked here: use :func:`patch_contrastive_loss`. Double backward raises.
+    """
+
+    @staticmethod
+    def forward(ctx, a, z, mask=None, temperature=1.0, backend="auto", grad_enabled=True):
+        backend = pick_backend(a, backend)
+        need_a, need_z = (bool(grad_enabled and n) for n in ctx.needs_input_grad[:2])
+        loss, r0, r1 = torch.ops.fastpatchdiv.contrastive_all_forward(a, z, mask, temperature, backend, need_a, need_z)
+        ctx.backend, ctx.temperature, ctx.need = backend, temperature, (need_a, need_z)
+        ctx.save_for_backward(a, z, mask, r0, r1)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        need_a, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        a, z, mask, r0, r1 = ctx.saved_tensors
+        need_a, need_z = ctx.need
         if not (need_a or need_z):
-            return None, None, None, None, None
-        # d(mean_i ℓ_i)/dS = (P − I)/N, and dS/dA, dS/dZ carry 1/τ: fold it all into one factor per image.
-        if ctx.backend == "triton":
-            from fastpatchdiv.kernels.contrastive import contrastive_all_backward
-
-            a, z, lse = ctx.saved_tensors
-            coef = grad.reshape(-1).float() / (a.shape[1] * ctx.temperature)
-            return (*contrastive_all_backward(a, z, lse, coef, ctx.temperature, need_a, need_z), None, None, None)
-        da, dz = ctx.saved_tensors
-        ref = da if da is not None else dz
-        coef = (grad.reshape(-1) / (ref.shape[1] * ctx.temperature)).to(ref.dtype)[:, None, None]
-        da = da * coef if need_a else None
-        dz = dz * coef if need_z else None
-        return da, dz, None, None, None
+            return None, None, None, None, None, None
+        with torch.no_grad():
+            da, dz = torch.ops.fastpatchdiv.contrastive_all_backward(
+                a, z, mask, r0, r1, grad, ctx.temperature, ctx.backend, need_a, need_z
+            )
+        grads = refuse_double_backward("patch_contrastive_loss", z, (da if need_a else None, dz if need_z else None))
+        return *grads, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
-# negatives="mean" / "window": O(N·D) torch ops, autograd does the backward
+# negatives="mean" / "window": O(N·D) torch ops, autograd does the backward (twice, if asked)
 # ----------------------------------------------------------------------------------------------------
 
 
 def _box_sum(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
     """Σ of z over the k x k window around each patch of the (H, W) grid, zero padded; (B, N, D) -> (B, N, D)."""
     B, N, D = z.shape
-    # An NCHW view with channels-last strides: no copy, and the pooling vectorises over D (3x faster
-    # than a transposed copy at a 256 x 256 grid on CPU).
+    # An NCHW view with channels-last strides: no copy, and the pooling vectorises over D.
     img = z.reshape(B, *grid, D).permute(0, 3, 1, 2)
-    # The box is separable: a 1 x k then a k x 1 pass add 2k terms per patch instead of k² (2x faster
-    # at the default k = 7 on CPU). count_include_pad=True divides by k in each pass, so the zero-padded
-    # box sum is avg * k².
+    # The box is separable: a 1 x k then a k x 1 pass add 2k terms per patch instead of k².
+    # count_include_pad=True divides by k in each pass, so the zero-padded box sum is avg * k².
     r = window // 2
     img = F.avg_pool2d(img, (1, window), stride=1, padding=(0, r), count_include_pad=True)
     img = F.avg_pool2d(img, (window, 1), stride=1, padding=(r, 0), count_include_pad=True)
     return (img * (window * window)).permute(0, 2, 3, 1).reshape(B, N, D)
 
 
-def _mean_window_loss(a, z, temperature, negatives, grid, window):
-    N = a.shape[1]
+def _mean_window_loss(a, z, mask, temperature, negatives, grid, window):
+    B, N, _ = a.shape
+    nb = valid_counts(mask, B, N, a.device).to(a.dtype).unsqueeze(-1)  # (B, 1)
     az = torch.linalg.vecdot(a, z)  # a_i·z_i, (B, N)
-    # a_i·mean_{j≠i} z_j = (a_i·Σ_j z_j − a_i·z_i)/(N − 1): a matrix-vector product, no (B, N, D) temporary.
+    # a_i·mean_{j≠i} z_j = (a_i·Σ_j z_j − a_i·z_i)/(N_b − 1): a matrix-vector product, no (B, N, D)
+    # temporary. Masked tokens are zero, so Σ_j runs over the real ones.
     a_sum = torch.bmm(a, z.sum(dim=1).unsqueeze(-1)).squeeze(-1)
-    terms = [torch.zeros_like(az), ((a_sum - az) / (N - 1) - az) / temperature]
+    terms = [torch.zeros_like(az), ((a_sum - az) / (nb - 1).clamp_min(1) - az) / temperature]
     if negatives == "window":
         # w_i = (box_i − z_i)/(k² − 1): the window's other patches (the box includes z_i itself).
         a_box = torch.linalg.vecdot(a, _box_sum(z, grid, window))
         terms.append(((a_box - az) / (window * window - 1) - az) / temperature)
     # lse(pos, neg, ...) − pos = lse(0, neg − pos, ...): the differences are formed before exp.
-    return torch.logsumexp(torch.stack(terms, dim=-1), dim=-1).mean(dim=-1)
+    row_loss = torch.logsumexp(torch.stack(terms, dim=-1), dim=-1)
+    return _image_mean(row_loss, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +263,20 @@ def _mean_window_loss(a, z, temperature, negatives, grid, window):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_grid(grid, n: int, needed: bool) -> tuple[int, int] | None:
+def check_grid(grid: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``grid`` as a pair of positive ints, or None."""
+    if grid is None:
+        return None
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+    ):
+        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def _grid_for(grid: tuple[int, int] | None, n: int, needed: bool) -> tuple[int, int] | None:
     if grid is None:
         if not needed:
             return None
@@ -161,38 +286,25 @@ def _check_grid(grid, n: int, needed: bool) -> tuple[int, int] | None:
                 f"negatives='window' needs the patch grid: N = {n} is not a square, pass grid=(H, W) with H * W = {n}"
             )
         return side, side
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
-    ):
-        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
     if grid[0] * grid[1] != n:
         raise ValueError(f"grid={tuple(grid)} has {grid[0] * grid[1]} patches but the tokens have N = {n}")
-    return int(grid[0]), int(grid[1])
+    return grid
 
 
-def _check_args(first, last, temperature, negatives, reduction, grid, window, backend):
-    a = check_tokens("first", first)
-    z = check_tokens("last", last)
-    if first.shape != last.shape:
-        raise ValueError(f"first and last must have the same shape, got {tuple(first.shape)} and {tuple(last.shape)}")
-    if first.device != last.device:
-        raise ValueError(f"first and last must be on the same device, got {first.device} and {last.device}")
-    if first.dtype != last.dtype:
-        raise TypeError(f"first and last must have the same dtype, got {first.dtype} and {last.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+def check_settings(
+    temperature: float, normalize: bool, negatives: str, detach_first: bool, reduction: str, grid, window: int, backend
+):
+    """Check every setting that does not depend on the tokens; returns (τ, grid) normalised."""
+    tau = check_temperature(temperature)
+    check_flag("normalize", normalize)
+    check_flag("detach_first", detach_first)
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     check_reduction(reduction)
     if isinstance(window, bool) or not isinstance(window, int) or window < 3 or window % 2 == 0:
         raise ValueError(f"window must be an odd int >= 3, got {window!r}")
-    grid = _check_grid(grid, a.shape[1], needed=negatives == "window")
-    backend = pick_backend(a, backend)
-    return a, z, float(temperature), grid, backend
+    check_backend(backend)
+    return tau, check_grid(grid)
 
 
 def patch_contrastive_loss(
@@ -204,6 +316,7 @@ def patch_contrastive_loss(
     negatives: str = "mean",
     detach_first: bool = True,
     reduction: str = "mean",
+    mask: torch.Tensor | None = None,
     grid: tuple[int, int] | None = None,
     window: int = 7,
     backend: str = "auto",
@@ -212,27 +325,33 @@ def patch_contrastive_loss(
 
     With a_i = first_i (detached unless ``detach_first=False``), z_i = last_i, both L2-normalised when
     ``normalize`` (x / max(|x|, 1e-12)), s(u, v) = u·v / τ and pos_i = s(a_i, z_i), an image's loss is
-    mean_i ℓ_i with
+    the mean of ℓ_i over its N_b real patches (all N without a mask) with
 
-    - ``"mean"`` (paper, default): ℓ_i = logaddexp(pos_i, s(a_i, m_i)) − pos_i, m_i = (Σ_j z_j − z_i)/(N − 1);
+    - ``"mean"`` (paper, default): ℓ_i = logaddexp(pos_i, s(a_i, m_i)) − pos_i, m_i = (Σ_j z_j − z_i)/(N_b − 1);
     - ``"window"`` (official code): ℓ_i = logsumexp(pos_i, s(a_i, m_i), s(a_i, w_i)) − pos_i,
       w_i = (Σ_{j in the k x k window around i} z_j − z_i)/(k² − 1) on the ``grid`` (H, W), zero padded
       (padding counts in k² − 1), k = ``window``;
     - ``"all"`` (InfoNCE): ℓ_i = logsumexp_j s(a_i, z_j) − pos_i, fused kernel, O(N·D) memory.
 
-    The official code computes −log(softmax + 1e-8); this is the exact log-sum-exp form, which differs
-    only where the positive's probability is below about 1e-8 (there the official loss saturates near
-    18.4 and its gradient vanishes; ours keeps growing linearly).
+    Sums over j run over real patches only; an image with N_b < 2 has loss 0 and zero gradient. The
+    official code computes −log(softmax + 1e-8); this is the exact log-sum-exp form, which differs only
+    where the positive's probability is below about 1e-8 (there the official loss saturates near 18.4
+    and its gradient vanishes; ours keeps growing linearly).
 
     Args:
-        first: first-layer patch tokens, (B, N, D) or (N, D) (one image); float32/float16/bfloat16/float64.
-        last: final-layer patch tokens, same shape, dtype and device as ``first``. Prefix tokens (class,
+        first: first-layer patch tokens (the patch-embedding output), (B, N, D) or (N, D) (one image);
+            float32/float16/bfloat16/float64.
+        last: final-layer patch tokens, same shape and device as ``first``; another floating dtype is
+            fine (both are promoted to the wider one, as autocast leaves them). Prefix tokens (class,
             registers) must already be removed; non-contiguous views such as ``tokens[:, 1:]`` are fine.
-        temperature: τ > 0, finite.
+        temperature: τ > 0, finite, with 1/τ finite in float32.
         normalize: L2-normalise both token sets first (gradients go through the normalisation).
         negatives: "mean", "window" or "all", as above.
         detach_first: stop the gradient into ``first`` (the paper's setting).
         reduction: "mean" over images, "sum", or "none" for the (B,) per-image losses (B = 1 for 2-D input).
+        mask: optional (B, N) (or (N,)) bool, True = a real patch (NaFlexVit's ``patch_valid``); "mean"
+            and "all" only ("window" needs the full grid). Masked tokens may hold anything and get
+            exactly zero gradient.
         grid: (H, W) patch grid for "window", H * W = N; default square.
         window: odd window size k >= 3 for "window".
         backend: "auto" (Triton kernels for CUDA tensors, or CPU under TRITON_INTERPRET=1; PyTorch
@@ -240,50 +359,71 @@ def patch_contrastive_loss(
             "window" are the same O(N·D) torch code on every backend.
 
     Returns:
-        The loss in float32 (float64 for float64 inputs): a scalar, or (B,) for ``reduction="none"``.
-        Input gradients come back in the input dtype.
+        The loss in float32 (float64 for float64 inputs): a scalar, or (B,) for ``reduction="none"``;
+        B = 0 gives a (0,) tensor, whose "mean" is NaN as in torch. Input gradients come back in each
+        input's dtype.
+
+    Numerics: fp32 accumulation, also under ``torch.autocast`` (the loss runs with autocast off). Each
+    logit carries fp32 rounding of about |s|·1e-7, which the softmax passes on to the gradient: gradients
+    keep fp32 accuracy up to |s| ≈ 100 (τ = 0.01 with normalised tokens) and lose digits beyond, while
+    the loss keeps its relative accuracy. Logits past float32's range (about 3.4e38) give inf/NaN for
+    that image. "mean" and "window" are plain autograd and support double backward; "all" raises on
+    double backward.
 
     Raises:
-        TypeError: non-tensor or non-floating inputs, differing dtypes, non-numeric temperature.
+        TypeError: non-tensor or non-floating inputs, non-numeric temperature, non-bool flags or mask.
         ValueError: shapes other than (B, N, D)/(N, D) or differing between ``first`` and ``last``,
-            N < 2, D = 0, differing devices, temperature <= 0 or not finite, unknown ``negatives``,
-            ``reduction`` or ``backend``, ``grid`` not a pair of positive ints multiplying to N (or N
-            not square with ``grid=None`` for "window"), ``window`` even or < 3, ``backend="triton"``
-            on a device/dtype the kernels do not take.
+            N < 2, D = 0, differing devices, temperature <= 0, not finite or below 1/float32-max,
+            unknown ``negatives``, ``reduction`` or ``backend``, ``grid`` not a pair of positive ints
+            multiplying to N (or N not square with ``grid=None`` for "window"), ``window`` even or < 3,
+            a mask with "window" or of the wrong shape or device, ``backend="triton"`` on a device/dtype
+            the kernels do not take.
     """
-    a, z, tau, grid, backend = _check_args(first, last, temperature, negatives, reduction, grid, window, backend)
+    tau, grid = check_settings(temperature, normalize, negatives, detach_first, reduction, grid, window, backend)
+    a = check_tokens("first", first)
+    z = check_tokens("last", last)
+    if first.shape != last.shape:
+        raise ValueError(f"first and last must have the same shape, got {tuple(first.shape)} and {tuple(last.shape)}")
+    if first.device != last.device:
+        raise ValueError(f"first and last must be on the same device, got {first.device} and {last.device}")
+    mask = check_mask(mask, a, first.dim() == 2)
+    if mask is not None and negatives == "window":
+        raise ValueError("negatives='window' needs the full patch grid and takes no mask; use 'mean' or 'all'")
+    grid = _grid_for(grid, a.shape[1], needed=negatives == "window")
+    common = torch.promote_types(a.dtype, z.dtype)
+    a, z = a.to(common), z.to(common)
+    backend = pick_backend(a, backend)
     if detach_first:
         a = a.detach()
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if negatives == "all" and not (backend == "triton" and a.shape[0] > 0):
-        backend = "torch"
-    if negatives == "all" and backend == "triton":
-        if normalize:
-            # Normalise in fp32, then hand the kernel tokens in the input dtype (its MMA dtype).
-            a = _normalize(a.to(work)).to(a.dtype)
-            z = _normalize(z.to(work)).to(z.dtype)
-        per_image = _AllNegatives.apply(a, z, tau, backend, torch.is_grad_enabled())
-    else:
-        a, z = a.to(work), z.to(work)
-        if normalize:
-            a, z = _normalize(a), _normalize(z)
-        if negatives == "all":
-            per_image = _AllNegatives.apply(a, z, tau, "torch", torch.is_grad_enabled())
+    with no_autocast(a.device.type):
+        if mask is not None:
+            # Padding may hold anything (NaN): zeroed tokens add nothing, and masked_fill's backward
+            # gives them exactly zero gradient.
+            dropped = ~mask.unsqueeze(-1)
+            a, z = a.masked_fill(dropped, 0.0), z.masked_fill(dropped, 0.0)
+        if negatives == "all" and backend == "triton":
+            if normalize:
+                # Normalise in fp32, then hand the kernel tokens in the input dtype (its MMA dtype).
+                a = normalize_rows(a.float())[0].to(common)
+                z = normalize_rows(z.float())[0].to(common)
+            per_image = PatchContrastiveFunction.apply(a, z, mask, tau, backend, torch.is_grad_enabled())
         else:
-            per_image = _mean_window_loss(a, z, tau, negatives, grid, window)
-    return reduce_images(per_image, reduction)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # Autograd of x / clamp_min(|x|, eps) is (g − (g·x̂)x̂)/|x|, or g/eps where the norm was clamped.
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+            work = work_dtype(common)
+            a, z = a.to(work), z.to(work)
+            if normalize:
+                a, z = normalize_rows(a)[0], normalize_rows(z)[0]
+            if negatives == "all":
+                per_image = PatchContrastiveFunction.apply(a, z, mask, tau, "torch", torch.is_grad_enabled())
+            else:
+                per_image = _mean_window_loss(a, z, mask, tau, negatives, grid, window)
+        return reduce_images(per_image, reduction)
 
 
 class PatchContrastiveLoss(nn.Module):
-    """Module form of :func:`patch_contrastive_loss`; ``forward(first, last)`` takes (B, N, D) or (N, D).
+    """Module form of :func:`patch_contrastive_loss`: ``forward(first, last, mask=None)``.
 
-    The keyword arguments are those of the function and are checked on every call (the checks depend
-    on the tokens' shape); the constructor rejects bad values it can already see.
+    Every setting is checked here, at construction; the grid's product is checked against N at the
+    first call, when N is known.
     """
 
     def __init__(
@@ -299,19 +439,17 @@ class PatchContrastiveLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if negatives not in NEGATIVES:
-            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-        check_reduction(reduction)
-        self.temperature = temperature
+        self.temperature, self.grid = check_settings(
+            temperature, normalize, negatives, detach_first, reduction, grid, window, backend
+        )
         self.normalize = normalize
         self.negatives = negatives
         self.detach_first = detach_first
         self.reduction = reduction
-        self.grid = grid
         self.window = window
         self.backend = backend
 
-    def forward(self, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def forward(self, first: torch.Tensor, last: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return patch_contrastive_loss(
             first,
             last,
@@ -320,6 +458,7 @@ class PatchContrastiveLoss(nn.Module):
             negatives=self.negatives,
             detach_first=self.detach_first,
             reduction=self.reduction,
+            mask=mask,
             grid=self.grid,
             window=self.window,
             backend=self.backend,
@@ -333,4 +472,4 @@ class PatchContrastiveLoss(nn.Module):
         )
 
 
-__all__ = ["patch_contrastive_loss", "PatchContrastiveLoss", "NEGATIVES"]
+__all__ = ["NEGATIVES", "PatchContrastiveFunction", "PatchContrastiveLoss", "patch_contrastive_loss"]

@@ -1,8 +1,9 @@
 """Naive PyTorch formulas that build the full N x N matrix.
 
 They are the test oracles (called in float64) and the "torch" baseline of the benchmarks. Memory is
-O(B * N^2): do not call them at high resolution. Every function takes (B, N, D) tokens and returns the
-per-image loss as a (B,) tensor in the input dtype; autograd gives the reference gradients.
+O(B * N^2): do not call them at high resolution. Every function takes (B, N, D) tokens and an optional
+(B, N) bool mask of real patches, and returns the per-image loss as a (B,) tensor in the input dtype
+(0 for an image with fewer than 2 real patches); autograd gives the reference gradients.
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ def normalize_rows(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def cosine_loss_reference(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Per-image 1/(N(N-1)) * sum_{i != j} |cos(x_i, x_j)| for x of shape (B, N, D) -> (B,)."""
+def _real(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) bool of real patches and N_b (B,) in x's dtype."""
+    if mask is None:
+        mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return mask, mask.sum(dim=-1).to(x.dtype)
+
+
+def cosine_loss_reference(x: torch.Tensor, eps: float = EPS, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image 1/(N_b(N_b-1)) * sum_{i != j real} |cos(x_i, x_j)| for x of shape (B, N, D) -> (B,)."""
     n = x.shape[-2]
+    real, nb = _real(x, mask)
     xn = normalize_rows(x, eps)
     s = (xn @ xn.transpose(-1, -2)).abs()
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    return (s * off_diagonal).sum(dim=(-1, -2)) / (n * (n - 1))
+    pairs = ~torch.eye(n, dtype=torch.bool, device=x.device) & real[..., :, None] & real[..., None, :]
+    total = torch.where(pairs, s, torch.zeros_like(s)).sum(dim=(-1, -2))
+    return torch.where(nb >= 2, total / (nb * (nb - 1)).clamp_min(1), torch.zeros_like(total))
 
 
 def contrastive_loss_reference(
@@ -34,6 +44,7 @@ def contrastive_loss_reference(
     negatives: str = "mean",
     grid: tuple[int, int] | None = None,
     window: int = 7,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-image patch-contrastive loss from the full score matrix S = A Zᵀ / τ, (B, N, D) x2 -> (B,).
 
@@ -42,20 +53,25 @@ def contrastive_loss_reference(
     - "window": ℓ_i = lse(pos_i, neg_i, loc_i) − pos_i with loc_i = Σ_{j in k x k window of i, j≠i} S_ij / (k² − 1)
                 on the (H, W) patch grid (row-major, square by default), zero padding counted in k² − 1;
     - "all":    ℓ_i = lse_j S_ij − pos_i.
-    The loss of an image is mean_i ℓ_i. No detaching: autograd gives gradients for both inputs.
+    The loss of an image is the mean of ℓ_i over its N_b real patches; with a mask, sums over j (and
+    N − 1) run over the real patches only ("window" takes no mask). No detaching: autograd gives
+    gradients for both inputs.
     """
     a, z = first, last
     if a.dim() == 2:
         a, z = a.unsqueeze(0), z.unsqueeze(0)
     n = a.shape[-2]
+    real, nb = _real(a, mask)
     if normalize:
         a, z = normalize_rows(a), normalize_rows(z)
     s = a @ z.transpose(-1, -2) / temperature
     pos = s.diagonal(dim1=-2, dim2=-1)
+    columns = real[..., None, :].expand(s.shape)
     if negatives == "all":
-        return (torch.logsumexp(s, dim=-1) - pos).mean(dim=-1)
+        rows = torch.logsumexp(s.masked_fill(~columns, float("-inf")), dim=-1) - pos
+        return _mean_real(rows, real, nb)
     eye = torch.eye(n, dtype=torch.bool, device=a.device)
-    neg = (s * ~eye).sum(dim=-1) / (n - 1)
+    neg = torch.where(columns & ~eye, s, torch.zeros_like(s)).sum(dim=-1) / (nb[..., None] - 1).clamp_min(1)
     terms = [pos, neg]
     if negatives == "window":
         if grid is None:
@@ -69,4 +85,9 @@ def contrastive_loss_reference(
         terms.append((s * near).sum(dim=-1) / (window * window - 1))
     elif negatives != "mean":
         raise ValueError(f"negatives must be 'mean', 'window' or 'all', got {negatives!r}")
-    return (torch.logsumexp(torch.stack(terms, dim=-1), dim=-1) - pos).mean(dim=-1)
+    return _mean_real(torch.logsumexp(torch.stack(terms, dim=-1), dim=-1) - pos, real, nb)
+
+
+def _mean_real(rows: torch.Tensor, real: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    total = torch.where(real, rows, torch.zeros_like(rows)).sum(dim=-1)
+    return torch.where(nb >= 2, total / nb.clamp_min(1), torch.zeros_like(total))

@@ -1,12 +1,22 @@
-"""Launch-time helpers shared by the kernel modules."""
+"""Launch-time helpers shared by the kernel modules.
+
+One rule for indices in every kernel: the image index is widened to int64 where it is read
+(``b = tl.program_id(1).to(tl.int64)``) and every image's base pointer is formed from it, so B·N·D past
+2^31 elements cannot wrap; offsets inside one image stay int32, which ``check_image_offsets`` makes
+safe on the host. 2-D tiles of int64 offsets cost registers: the fp32 cosine backward spilled with them.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import torch
-import triton
+import triton.language as tl
+
 from fastpatchdiv.kernels import INTERPRETER
+
+# tl.dot takes tiles of at least 16 in every dimension (a constexpr, so kernels can read it).
+MIN_DOT = tl.constexpr(16)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -37,5 +47,12 @@ def num_programs_cap(device: torch.device) -> int:
     return 4
 
 
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
+def check_image_offsets(*tensors: torch.Tensor) -> None:
+    """Raise unless every element offset inside one image, Σ (size − 1)·|stride| over (N, D), fits int32."""
+    for t in tensors:
+        reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if reach >= 2**31:
+            raise ValueError(
+                f"one image of shape {tuple(t.shape[1:])} with strides {t.stride()[1:]} spans {reach} elements; "
+                "the kernels index inside an image in 32 bits: pass a contiguous tensor or use backend='torch'"
+            )

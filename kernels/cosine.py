@@ -1,16 +1,18 @@
 """Triton kernels of the patch cosine loss, and their launchers.
 
-Per image, X is (N, D), x̂_i = x_i / max(|x_i|, eps), S = X̂ X̂ᵀ and
-    loss = 1/(N(N-1)) · Σ_{i≠j} |S_ij|.
-- ``_normalize_kernel``: one pass over X writes X̂ (in the input dtype, for the tensor cores) and |x_i|.
+Per image, X is (N, D), x̂_i = x_i / max(|x_i|, eps), S = X̂ X̂ᵀ and, with N_b real patches (all N
+without a mask),
+    loss = c_b · Σ_{i≠j} |S_ij|,   c_b = 1/(N_b(N_b − 1)) (0 when N_b < 2).
+- ``_normalize_kernel``: writes X̂ (in the input dtype, for the tensor cores) and |x_i|; masked rows
+  get x̂ = 0, so every later tile ignores them for free (|0| adds nothing, sign(0) = 0).
 - ``_cosine_fwd_kernel``: tiles (I, J) with J >= I only (S is symmetric): an off-diagonal tile counts
   twice, a diagonal tile masks i = j. Persistent programs walk the triangle of tiles and each writes
-  its own partial sum: deterministic, no atomics, and nothing N x N anywhere.
+  its own fp64 partial sum: deterministic, no atomics, and nothing N x N anywhere.
 - ``_cosine_bwd_kernel``: G = 2c · (sign(S) ∘ offdiag) X̂. A program owns row block I, keeps X̂_I and
   G_I resident and streams every column block J, recomputing the S tile (FlashAttention's backward
   shape): each G_I has exactly one writer, so the result is bitwise reproducible. The epilogue goes
   back through the normalisation in fp32 from the original x:
-  dx_i = (g_i − (g_i·x̂_i) x̂_i) / |x_i|, or g_i / eps where the norm was clamped.
+  dx_i = (g_i − (g_i·x̂_i) x̂_i) / |x_i|, or g_i / eps where the norm was clamped; 0 for masked rows.
 Work: forward N²·D/2 multiply-adds per image, backward 2·N²·D (recompute S, then sign(S) X̂).
 """
 
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels._utils import dot_precision, next_pow2, num_programs_cap, upcast_loads
+from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, dot_precision, num_programs_cap, upcast_loads
 
 EPS = 1e-12
 
@@ -30,6 +33,7 @@ EPS = 1e-12
 @triton.jit
 def _normalize_kernel(
     x_ptr,
+    mask_ptr,
     xhat_ptr,
     norm_ptr,
     N,
@@ -37,31 +41,52 @@ def _normalize_kernel(
     stride_xb,
     stride_xn,
     stride_xd,
+    HAS_MASK: tl.constexpr,
     EPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Grid (cdiv(N, BLOCK_M), B): x̂_i = x_i / max(|x_i|, eps) into ``xhat`` (contiguous, x's dtype), |x_i|
+    into ``norm`` (fp32). The norm is taken of x_i / max_d |x_id|, entries in [-1, 1], so tokens whose
+    squares overflow fp32 (1e20) still normalise exactly. Rows the mask drops get x̂ = 0 and |x| = 0.
+    Three passes over the row (max, sum of squares, write): O(N·D), cheap beside the N²·D tiles."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    x_rows = x_ptr + b * stride_xb + rows[:, None].to(tl.int64) * stride_xn
-    out_rows = xhat_ptr + (b * N + rows[:, None]) * D
+    x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+    out_rows = xhat_ptr + b * N * D + rows[:, None] * D
 
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols[None, :] < D)
+        v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    # A zero row keeps scale 1 (its norm is 0 either way); a NaN reaches the sum of squares below.
+    scale = tl.where(amax > 0, amax, 1.0)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols[None, :] < D)
-        v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32) / scale[:, None]
         sumsq += tl.sum(v * v, axis=1)
-    norm = tl.sqrt_rn(sumsq)
-    inv = 1.0 / tl.maximum(norm, EPS, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(norm_ptr + b * N + rows, norm, mask=row_ok)
+    n = tl.sqrt_rn(sumsq)
+    norm = n * scale  # +inf only if the true norm is past fp32's range; x̂ stays exact
+    big = norm >= EPS
+    n = tl.where(big, n, 1.0)  # the branch of the where() below that clamped rows drop: no 0/0
+    keep = row_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + b * N + rows, mask=row_ok, other=0) != 0)
+    tl.store(norm_ptr + b * N + rows, tl.where(keep, norm, 0.0), mask=row_ok)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols[None, :] < D)
         v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_rows + cols[None, :], (v * inv[:, None]).to(xhat_ptr.dtype.element_ty), mask=mask)
+        # Divide (not multiply by a reciprocal) by the scale: 1/scale can be subnormal and flush to 0.
+        xh = tl.where(big[:, None], (v / scale[:, None]) / n[:, None], v / EPS)
+        xh = tl.where(keep[:, None], xh, 0.0)
+        tl.store(out_rows + cols[None, :], xh.to(xhat_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,6 +114,9 @@ def _cosine_fwd_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Grid (programs, B): program p of image b sums w · Σ_{i≠j} |S_ij| over tiles t = p, p + programs, ...
+    of the lower triangle (w = 2 off the diagonal, 1 on it) into ``partial[b, p]`` (fp64)."""
+    tl.static_assert(BLOCK >= MIN_DOT and BLOCK_K >= MIN_DOT)
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -96,7 +124,9 @@ def _cosine_fwd_kernel(
     offs = tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
 
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    # Row sums of a tile stay in fp32 (BLOCK terms); across tiles they add up in fp64, so the loss keeps
+    # fp32's relative accuracy however many tiles (N²/BLOCK² of them) a program visits.
+    total = tl.zeros([BLOCK], dtype=tl.float64)
     for t in range(pid, NUM_TILES, num_progs):
         r = _triangle_row(t)
         c = t - r * (r + 1) // 2
@@ -109,19 +139,16 @@ def _cosine_fwd_kernel(
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < D
-            a = tl.load(
-                base + rows[:, None].to(tl.int64) * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            bt = tl.load(
-                base + cols[None, :].to(tl.int64) * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
-            )
+            # Padding loads as 0: a zero feature adds nothing to a dot product.
+            a = tl.load(base + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(base + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
             s = tl.dot(a, bt, s, input_precision=PRECISION)
         keep = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
         weight = tl.where(r > c, 2.0, 1.0)
-        total += weight * tl.sum(tl.where(keep, tl.abs(s), 0.0), axis=1)
+        total += (weight * tl.sum(tl.where(keep, tl.abs(s), 0.0), axis=1)).to(tl.float64)
     tl.store(partial_ptr + b * num_progs + pid, tl.sum(total, axis=0))
 
 
@@ -144,6 +171,10 @@ def _cosine_bwd_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Grid (cdiv(N, BLOCK_M), B): dx_I = back through the normalisation of scale_b · Σ_J sign(S_IJ) X̂_J
+    (i ≠ j), scale_b = 2 c_b · dL/dloss_b. BLOCK_D covers all of D: G_I stays resident in registers.
+    A masked row has x̂ = 0, so its G is 0; the launcher zeroes its dx (its x may hold anything)."""
+    tl.static_assert(BLOCK_M >= MIN_DOT and BLOCK_N >= MIN_DOT and BLOCK_D >= MIN_DOT)
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     base = xhat_ptr + b * N * D
@@ -153,16 +184,15 @@ def _cosine_bwd_kernel(
     d_ok = dims < D
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
-    xi = tl.load(base + rows[:, None].to(tl.int64) * D + dims[None, :], mask=tile_ok, other=0.0)
+    # Padding rows and features load as 0: they add nothing to S or to G.
+    xi = tl.load(base + rows[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
     if UPCAST:
         xi = xi.to(tl.float32)
     g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        xj = tl.load(
-            base + cols[:, None].to(tl.int64) * D + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        xj = tl.load(base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             xj = xj.to(tl.float32)
         s = tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
@@ -171,12 +201,10 @@ def _cosine_bwd_kernel(
         sgn = tl.where(keep & (s > 0), 1.0, 0.0) - tl.where(keep & (s < 0), 1.0, 0.0)
         g = tl.dot(sgn.to(xj.dtype), xj, g, input_precision=PRECISION)
 
-    # g *= 2c · dL/dloss_b; then back through x̂ = x / max(|x|, eps), in fp32 from the original x.
+    # Back through x̂ = x / max(|x|, eps), in fp32 from the original x.
     g = g * tl.load(scale_ptr + b)
     x = tl.load(
-        x_ptr + b * stride_xb + rows[:, None].to(tl.int64) * stride_xn + dims[None, :] * stride_xd,
-        mask=tile_ok,
-        other=0.0,
+        x_ptr + b * stride_xb + rows[:, None] * stride_xn + dims[None, :] * stride_xd, mask=tile_ok, other=0.0
     ).to(tl.float32)
     norm = tl.load(norm_ptr + b * N + rows, mask=row_ok, other=1.0)
     clamped = norm < EPS
@@ -189,8 +217,9 @@ def _cosine_bwd_kernel(
 
 @dataclass(frozen=True)
 class Blocks:
-    """Block sizes and launch options. Picked by rule, not autotuned: the rules are compiled for sm_80 and
-    sm_90 in the tests; tune them on a GPU with ``python -m benchmarks``."""
+    """Block sizes and launch options, picked by rule (no timing-based autotune, so every process picks
+    the same and results are bitwise reproducible). The rules are compiled for sm_80 and sm_90, spills
+    checked, in the tests."""
 
     norm_m: int
     norm_d: int
@@ -204,13 +233,14 @@ class Blocks:
 
 
 def pick_blocks(n: int, d: int, dtype: torch.dtype, interpreter: bool = INTERPRETER) -> Blocks:
-    bwd_d = max(16, next_pow2(d))
+    bwd_d = max(MIN_DOT.value, triton.next_power_of_2(d))
     if interpreter:
         # Every program instance costs milliseconds there: the smallest legal tiles keep tests short
         # while still crossing tile edges.
-        return Blocks(16, min(64, bwd_d), 16, 16, 16, 16, bwd_d, 1, 1)
+        tile = MIN_DOT.value
+        return Blocks(16, min(64, bwd_d), tile, tile, tile, tile, bwd_d, 1, 1)
     fp32 = dtype == torch.float32
-    fwd = 64 if n > 32 else max(16, next_pow2(n))
+    fwd = 64 if n > 32 else max(MIN_DOT.value, triton.next_power_of_2(n))
     # The backward keeps X̂_I and a BLOCK_M x BLOCK_D fp32 accumulator resident. These are the largest
     # tiles that ptxas fits without spilling at 8 warps on both sm_80 and sm_90 (16-bit at BLOCK_D <= 128
     # gets wgmma, M = 64); test_kernels_compile_for_cuda keeps the spill count at 0.
@@ -231,17 +261,20 @@ def pick_blocks(n: int, d: int, dtype: torch.dtype, interpreter: bool = INTERPRE
     )
 
 
-def cosine_forward(x: torch.Tensor):
-    """x: (B, N, D) fp32/fp16/bf16, any strides, CUDA or CPU under the interpreter.
+def cosine_forward(x: torch.Tensor, mask: torch.Tensor | None = None):
+    """x: (B, N, D) fp32/fp16/bf16, any strides, CUDA or CPU under the interpreter; mask: (B, N) bool or None.
 
-    Returns (per_image_loss (B,) fp32, xhat (B, N, D) contiguous in x.dtype, norm (B, N) fp32).
+    Returns (Σ_{i≠j} |S_ij| per image (B,) fp64, xhat (B, N, D) contiguous in x.dtype, norm (B, N) fp32).
     """
     B, N, D = x.shape
+    check_image_offsets(x)
     blk = pick_blocks(N, D, x.dtype)
     xhat = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     norm = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    mask_arg = mask.contiguous() if mask is not None else norm  # any pointer: HAS_MASK=False never reads it
     _normalize_kernel[(triton.cdiv(N, blk.norm_m), B)](
         x,
+        mask_arg,
         xhat,
         norm,
         N,
@@ -249,6 +282,7 @@ def cosine_forward(x: torch.Tensor):
         x.stride(0),
         x.stride(1),
         x.stride(2),
+        HAS_MASK=mask is not None,
         EPS=EPS,
         BLOCK_M=blk.norm_m,
         BLOCK_D=blk.norm_d,
@@ -256,7 +290,7 @@ def cosine_forward(x: torch.Tensor):
     nb = triton.cdiv(N, blk.fwd)
     num_tiles = nb * (nb + 1) // 2
     progs = max(1, min(num_tiles, triton.cdiv(num_programs_cap(x.device), B)))
-    partial = torch.empty((B, progs), dtype=torch.float32, device=x.device)
+    partial = torch.empty((B, progs), dtype=torch.float64, device=x.device)
     _cosine_fwd_kernel[(progs, B)](
         xhat,
         partial,
@@ -270,15 +304,20 @@ def cosine_forward(x: torch.Tensor):
         num_warps=blk.num_warps,
         num_stages=blk.num_stages,
     )
-    loss = (partial.double().sum(dim=1) / (N * (N - 1))).float()
-    return loss, xhat, norm
+    return partial.sum(dim=1), xhat, norm
 
 
-def cosine_backward(x: torch.Tensor, xhat: torch.Tensor, norm: torch.Tensor, grad_per_image: torch.Tensor):
-    """dL/dx for L = Σ_b grad_per_image[b] · loss_b; returns a contiguous (B, N, D) tensor in x.dtype."""
+def cosine_backward(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    xhat: torch.Tensor,
+    norm: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """dL/dx for L = Σ_b scale_b/2 · Σ_{i≠j} |S_ij| (scale_b = 2 c_b · dL/dloss_b, (B,) fp32); returns a
+    contiguous (B, N, D) tensor in x.dtype."""
     B, N, D = x.shape
     blk = pick_blocks(N, D, x.dtype)
-    scale = (grad_per_image.float() * (2.0 / (N * (N - 1)))).contiguous()
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     _cosine_bwd_kernel[(triton.cdiv(N, blk.bwd_m), B)](
         x,
@@ -300,4 +339,7 @@ def cosine_backward(x: torch.Tensor, xhat: torch.Tensor, norm: torch.Tensor, gra
         num_warps=blk.num_warps,
         num_stages=blk.num_stages,
     )
+    if mask is not None:
+        # Exactly 0 whatever a padded token holds (NaN, or a magnitude that overflows x / eps).
+        dx.masked_fill_(~mask.unsqueeze(-1), 0.0)
     return dx

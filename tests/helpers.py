@@ -1,4 +1,4 @@
-"""Tolerances and comparison helpers for every op's tests.
+"""Tolerances, input builders and oracle checks shared by every op's tests.
 
 Tolerances are stated once per dtype, for values and gradients measured against a float64 oracle run
 on the same (rounded) inputs. The kernels accumulate in fp32; 16-bit inputs also round the normalised
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from fastpatchdiv import patch_contrastive_loss, patch_cosine_loss
+from fastpatchdiv.reference import contrastive_loss_reference, cosine_loss_reference
+
 # dtype -> (atol, rtol); atol is relative to the largest |expected| element (floored at 1e-3, so an
 # all-zero expectation such as the gradient at D = 1 is not judged on rounding noise).
 TOLERANCES = {
@@ -18,6 +21,8 @@ TOLERANCES = {
     torch.bfloat16: (5e-3, 3e-2),
 }
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Where the tests of both paths put their tensors: the GPU when there is one, else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
@@ -92,3 +97,109 @@ def ptxas_spill_bytes(compiled, arch: int):
         )
     found = re.search(r"(\d+) bytes spill stores", out.stderr)
     return int(found.group(1)) if found else None
+
+
+# ----------------------------------------------------------------------------------------- cosine
+def cosine_tokens(shape, dtype, device="cpu") -> torch.Tensor:
+    """Fresh random tokens with varied norms.
+
+    fp32/fp64: plain Gaussian directions. 16-bit: tokens ±(μ + 0.5·noise), so every |cos| sits far from
+    0: a cosine within rounding of 0 flips sign(S) between the kernel and the float64 oracle and moves
+    the gradient by O(1/N), which no 16-bit tolerance can tell from a bug. Signs still vary per pair.
+    """
+    *lead, n, d = shape
+    if dtype in (torch.float32, torch.float64):
+        x = torch.randn(*lead, n, d, dtype=torch.float64)
+    else:
+        mu = torch.randn(*lead, 1, d, dtype=torch.float64)
+        signs = torch.randint(0, 2, (*lead, n, 1)).double() * 2 - 1
+        x = signs * (mu + 0.5 * torch.randn(*lead, n, d, dtype=torch.float64))
+    x = x * torch.exp(0.5 * torch.randn(*lead, n, 1, dtype=torch.float64))
+    return x.to(dtype).to(device)
+
+
+def cosine_oracle(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None):
+    """float64 oracle on the same (rounded) inputs: per-image losses and d(Σ w_b loss_b)/dx."""
+    xr = x.detach().double().cpu().requires_grad_()
+    loss = cosine_loss_reference(xr, mask=None if mask is None else mask.cpu())
+    (loss * weights.double().cpu()).sum().backward()
+    return loss, xr.grad
+
+
+def check_cosine(x: torch.Tensor, backend: str, mask: torch.Tensor | None = None, what: str = "") -> torch.Tensor:
+    """Loss (reduction="none") and gradient under a random per-image weight, against the float64 oracle."""
+    x = x.detach().requires_grad_()
+    weights = torch.rand(x.shape[0], device=x.device) + 0.5
+    loss = patch_cosine_loss(x, mask=mask, reduction="none", backend=backend)
+    (loss * weights).sum().backward()
+    ref_loss, ref_grad = cosine_oracle(x, weights, mask)
+    assert loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+    assert_close(loss, ref_loss, x.dtype, f"{what} loss")
+    assert_close(x.grad, ref_grad, x.dtype, f"{what} grad")
+    return loss
+
+
+# ------------------------------------------------------------------------------------ contrastive
+def contrastive_tokens(B, N, D, dtype, device="cpu", scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh random (first, last) in ``dtype``, scaled so unnormalised logits stay O(scale²·sqrt(D))."""
+    first = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    last = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return first, last
+
+
+def check_contrastive(first, last, *, detach_first=True, what="", mask=None, **kw) -> torch.Tensor:
+    """Run the loss with reduction="none" and a random (B,) grad_output; compare values and gradients.
+
+    The oracle sees the same (rounded) inputs in float64, with the tolerances above.
+    """
+    # Inputs of two dtypes are judged at the looser tolerance of the two.
+    dtype = max(first.dtype, last.dtype, key=lambda d: TOLERANCES[d][0])
+    first = first.detach().clone().requires_grad_()
+    last = last.detach().clone().requires_grad_()
+    loss = patch_contrastive_loss(first, last, detach_first=detach_first, reduction="none", mask=mask, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == (first.shape[0] if first.dim() == 3 else 1,)
+    weights = torch.rand(loss.shape, dtype=loss.dtype, device=loss.device) + 0.5
+    loss.backward(weights)
+
+    ref_kw = {k: kw[k] for k in ("temperature", "normalize", "negatives", "grid", "window") if k in kw}
+    f64 = first.detach().cpu().double().requires_grad_()
+    l64 = last.detach().cpu().double().requires_grad_()
+    ref = contrastive_loss_reference(f64, l64, mask=None if mask is None else mask.cpu(), **ref_kw)
+    (ref * weights.cpu().double()).sum().backward()
+
+    assert_close(loss, ref, dtype, f"{what} loss")
+    assert last.grad is not None and last.grad.dtype == last.dtype
+    grads = [("d last", last.grad, l64.grad)]
+    if detach_first:
+        assert first.grad is None, f"{what}: detach_first=True but first received a gradient"
+    else:
+        assert first.grad is not None and first.grad.dtype == first.dtype
+        grads.append(("d first", first.grad, f64.grad))
+    for name, got, want in grads:
+        assert torch.isfinite(got).all(), f"{what} {name}: non-finite gradient"
+        assert_close(got, want, dtype, f"{what} {name}")
+    return loss
+
+
+def huge_logit_tokens(dtype, device="cpu", n=18, d=32):
+    """Logits a_i·z_j of ±500 (τ = 1), on and off the diagonal.
+
+    Tokens come in pairs sharing one direction u with |u|² = 500: a_2k = a_2k+1 = u, z_2k = u, z_2k+1 = −u.
+    So S_2k,2k = +500, S_2k+1,2k+1 = −500 (the positive loses by 1000), S_2k,2k+1 = −500, S_2k+1,2k = +500.
+    """
+    u = torch.randn(2, n // 2, d, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True) * 500**0.5
+    a = u.repeat_interleave(2, dim=1)
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(n // 2)[None, :, None]
+    z = sign * a
+    return a.to(device=device, dtype=dtype), z.to(device=device, dtype=dtype)
+
+
+def contrastive_grads(first, last, **kw):
+    """(d first, d last) of the mean loss with both inputs trainable, τ = 0.2."""
+    f = first.detach().clone().requires_grad_()
+    z = last.detach().clone().requires_grad_()
+    patch_contrastive_loss(f, z, detach_first=False, temperature=0.2, **kw).backward()
+    return f.grad, z.grad

@@ -14,61 +14,22 @@ import textwrap
 
 import pytest
 import torch
-from fastpatchdiv.kernels import INTERPRETER
 
-from fastpatchdiv import contrastive as C
 from fastpatchdiv.contrastive import PatchContrastiveLoss, patch_contrastive_loss
+from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.reference import contrastive_loss_reference
-from tests.helpers import assert_close, compile_for_cuda, ptxas_spill_bytes
+from tests.helpers import (
+    assert_close,
+    check_contrastive,
+    compile_for_cuda,
+    contrastive_grads,
+    contrastive_tokens,
+    huge_logit_tokens,
+    ptxas_spill_bytes,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-
-
-@pytest.fixture
-def small_torch_tiles(monkeypatch):
-    """Shrink the blockwise torch path's tiles to 16 x 16 so small N crosses several tile edges."""
-    monkeypatch.setattr(C, "_TORCH_TILE_ELEMS", 16 * 16)
-
-
-def make_tokens(B, N, D, dtype, device="cpu", scale=1.0):
-    """Fresh random (first, last) in ``dtype``, scaled so unnormalised logits stay O(scale²·sqrt(D))."""
-    first = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-    last = (torch.randn(B, N, D, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-    return first, last
-
-
-def check_against_reference(first, last, *, detach_first=True, what="", **kw):
-    """Run the loss with reduction="none" and a random (B,) grad_output; compare values and gradients.
-
-    The oracle sees the same (rounded) inputs in float64, with the tolerances of tests/helpers.py.
-    """
-    dtype = first.dtype
-    first = first.detach().clone().requires_grad_()
-    last = last.detach().clone().requires_grad_()
-    loss = patch_contrastive_loss(first, last, detach_first=detach_first, reduction="none", **kw)
-    assert loss.dtype == torch.float32 and loss.shape == (first.shape[0] if first.dim() == 3 else 1,)
-    weights = torch.rand(loss.shape, dtype=torch.float32, device=loss.device) + 0.5
-    loss.backward(weights)
-
-    ref_kw = {k: kw[k] for k in ("temperature", "normalize", "negatives", "grid", "window") if k in kw}
-    f64 = first.detach().cpu().double().requires_grad_()
-    l64 = last.detach().cpu().double().requires_grad_()
-    ref = contrastive_loss_reference(f64, l64, **ref_kw)
-    (ref * weights.cpu().double()).sum().backward()
-
-    assert_close(loss, ref, dtype, f"{what} loss")
-    assert last.grad is not None and last.grad.dtype == dtype
-    grads = [("d last", last.grad, l64.grad)]
-    if detach_first:
-        assert first.grad is None, f"{what}: detach_first=True but first received a gradient"
-    else:
-        assert first.grad is not None and first.grad.dtype == dtype
-        grads.append(("d first", first.grad, f64.grad))
-    for name, got, want in grads:
-        assert torch.isfinite(got).all(), f"{what} {name}: non-finite gradient"
-        assert_close(got, want, dtype, f"{what} {name}")
-    return loss
 
 
 # (B, N, D, temperature, grid, window): ragged N and D around the 16-wide tiles; N = 64 uses the default
@@ -94,8 +55,8 @@ SHAPES = [
 def test_torch_path_matches_reference(
     small_torch_tiles, negatives, normalize, dtype, B, N, D, temperature, grid, window
 ):
-    first, last = make_tokens(B, N, D, dtype, scale=D**-0.25)
-    check_against_reference(
+    first, last = contrastive_tokens(B, N, D, dtype, scale=D**-0.25)
+    check_contrastive(
         first,
         last,
         backend="torch",
@@ -116,7 +77,7 @@ def test_torch_path_noncontiguous(small_torch_tiles, negatives, temperature):
     first = base[:, 1:]  # drop a "class token": a strided view
     last = torch.randn(2, 24, 20).transpose(1, 2)  # transposed storage
     assert not first.is_contiguous() and not last.is_contiguous()
-    check_against_reference(
+    check_contrastive(
         first,
         last,
         backend="torch",
@@ -130,7 +91,7 @@ def test_torch_path_noncontiguous(small_torch_tiles, negatives, temperature):
 
 
 def test_two_dim_input_is_one_image():
-    first, last = make_tokens(1, 9, 5, torch.float32)
+    first, last = contrastive_tokens(1, 9, 5, torch.float32)
     for negatives in ("mean", "window", "all"):
         three = patch_contrastive_loss(first, last, negatives=negatives, window=3, reduction="none")
         two = patch_contrastive_loss(first[0], last[0], negatives=negatives, window=3, reduction="none")
@@ -141,7 +102,7 @@ def test_two_dim_input_is_one_image():
 @pytest.mark.parametrize("negatives", ["mean", "window", "all"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 def test_gradcheck_torch_path(small_torch_tiles, negatives, normalize):
-    first, last = make_tokens(1, 18, 3, torch.float64)  # 18 > 16: two tiles on the torch path
+    first, last = contrastive_tokens(1, 18, 3, torch.float64)  # 18 > 16: two tiles on the torch path
     first.requires_grad_()
     last.requires_grad_()
 
@@ -166,7 +127,7 @@ def test_gradcheck_torch_path(small_torch_tiles, negatives, normalize):
 @pytest.mark.parametrize("negatives", ["mean", "window", "all"])
 def test_torch_path_huge_logits(small_torch_tiles, negatives, dtype):
     first, last = huge_logit_tokens(dtype)
-    loss = check_against_reference(
+    loss = check_contrastive(
         first,
         last,
         backend="torch",
@@ -180,15 +141,15 @@ def test_torch_path_huge_logits(small_torch_tiles, negatives, dtype):
 
 
 def test_torch_path_deterministic(small_torch_tiles):
-    first, last = make_tokens(2, 40, 33, torch.float32)
-    grads = [run_backward(first, last, negatives="all", backend="torch") for _ in range(2)]
+    first, last = contrastive_tokens(2, 40, 33, torch.float32)
+    grads = [contrastive_grads(first, last, negatives="all", backend="torch") for _ in range(2)]
     for g0, g1 in zip(grads[0], grads[1], strict=True):
         assert torch.equal(g0, g1)
 
 
 @pytest.mark.parametrize("negatives", ["mean", "window", "all"])
 def test_module_functional_and_reductions(negatives):
-    first, last = make_tokens(3, 16, 8, torch.float32)
+    first, last = contrastive_tokens(3, 16, 8, torch.float32)
     kw = dict(temperature=0.2, normalize=True, negatives=negatives, window=3)
     per_image = patch_contrastive_loss(first, last, reduction="none", **kw)
     assert per_image.shape == (3,) and per_image.dtype == torch.float32
@@ -215,14 +176,14 @@ def test_module_functional_and_reductions(negatives):
 
 
 def test_float64_loss_and_default_paper_form():
-    first, last = make_tokens(2, 9, 4, torch.float64)
+    first, last = contrastive_tokens(2, 9, 4, torch.float64)
     loss = patch_contrastive_loss(first, last)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, contrastive_loss_reference(first, last).mean())
 
 
 def _bad(**overrides):
-    first, last = make_tokens(2, 9, 4, torch.float32)
+    first, last = contrastive_tokens(2, 9, 4, torch.float32)
     kw = dict(first=first, last=last)
     kw.update(overrides)
     return kw
@@ -230,7 +191,6 @@ def _bad(**overrides):
 
 BAD_INPUTS = [
     pytest.param(_bad(last=torch.randn(2, 8, 4)), ValueError, "same shape", id="shape-mismatch"),
-    pytest.param(_bad(last=torch.randn(2, 9, 4, dtype=torch.float64)), TypeError, "same dtype", id="dtype-mismatch"),
     pytest.param(_bad(first=torch.randn(2, 9, 4, device="meta")), ValueError, "same device", id="device-mismatch"),
     pytest.param(_bad(first=torch.ones(2, 9, 4, dtype=torch.int64)), TypeError, "floating", id="int-dtype"),
     pytest.param(_bad(first=[[1.0]]), TypeError, "torch.Tensor", id="not-a-tensor"),
@@ -256,6 +216,17 @@ BAD_INPUTS = [
     pytest.param(_bad(negatives="window", grid=(3, 3), window=4), ValueError, "window", id="window-even"),
     pytest.param(_bad(negatives="window", grid=(3, 3), window=1), ValueError, "window", id="window-1"),
     pytest.param(_bad(negatives="window", grid=(3, 3), window=3.0), ValueError, "window", id="window-float"),
+    pytest.param(_bad(temperature=1e-39), ValueError, "1/τ must be finite", id="temperature-tiny"),
+    pytest.param(_bad(normalize=1), TypeError, "normalize must be a bool", id="normalize-int"),
+    pytest.param(_bad(detach_first="yes"), TypeError, "detach_first must be a bool", id="detach-first-str"),
+    pytest.param(_bad(mask=torch.ones(2, 9)), TypeError, "torch.bool", id="mask-float"),
+    pytest.param(_bad(mask=torch.ones(2, 8, dtype=torch.bool)), ValueError, "mask must have shape", id="mask-shape"),
+    pytest.param(
+        _bad(negatives="window", grid=(3, 3), mask=torch.ones(2, 9, dtype=torch.bool)),
+        ValueError,
+        "takes no mask",
+        id="mask-window",
+    ),
 ]
 
 
@@ -275,7 +246,7 @@ def test_module_rejects_bad_config():
 
 @pytest.mark.skipif(INTERPRETER or torch.cuda.is_available(), reason="needs a CPU-only, non-interpreted run")
 def test_triton_backend_without_kernels_raises():
-    first, last = make_tokens(1, 4, 4, torch.float32)
+    first, last = contrastive_tokens(1, 4, 4, torch.float32)
     with pytest.raises(ValueError, match="backend='triton'"):
         patch_contrastive_loss(first, last, negatives="all", backend="triton")
 
@@ -334,8 +305,8 @@ KERNEL_CASES = [
 @pytest.mark.kernel
 @pytest.mark.parametrize("B, N, D, temperature, normalize, dtype, detach_first", KERNEL_CASES)
 def test_kernel_matches_reference(kernel_device, B, N, D, temperature, normalize, dtype, detach_first):
-    first, last = make_tokens(B, N, D, dtype, kernel_device, scale=D**-0.25)
-    check_against_reference(
+    first, last = contrastive_tokens(B, N, D, dtype, kernel_device, scale=D**-0.25)
+    check_contrastive(
         first,
         last,
         backend="triton",
@@ -353,7 +324,7 @@ def test_kernel_noncontiguous(kernel_device, dtype):
     first = torch.randn(2, 18, 20, device=kernel_device).to(dtype)[:, 1:]
     last = torch.randn(2, 20, 17, device=kernel_device).to(dtype).transpose(1, 2)
     assert not first.is_contiguous() and not last.is_contiguous()
-    check_against_reference(
+    check_contrastive(
         first,
         last,
         backend="triton",
@@ -368,7 +339,7 @@ def test_kernel_noncontiguous(kernel_device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_huge_logits(kernel_device, dtype):
     first, last = huge_logit_tokens(dtype, kernel_device)
-    loss = check_against_reference(
+    loss = check_contrastive(
         first,
         last,
         backend="triton",
@@ -381,15 +352,15 @@ def test_kernel_huge_logits(kernel_device, dtype):
 
 @pytest.mark.kernel
 def test_kernel_deterministic(kernel_device):
-    first, last = make_tokens(2, 33, 20, torch.float32, kernel_device)
-    grads = [run_backward(first, last, negatives="all", backend="triton") for _ in range(2)]
+    first, last = contrastive_tokens(2, 33, 20, torch.float32, kernel_device)
+    grads = [contrastive_grads(first, last, negatives="all", backend="triton") for _ in range(2)]
     for g0, g1 in zip(grads[0], grads[1], strict=True):
         assert torch.equal(g0, g1)
 
 
 @pytest.mark.kernel
 def test_kernel_reduction_none_and_module(kernel_device):
-    first, last = make_tokens(3, 17, 16, torch.float32, kernel_device)
+    first, last = contrastive_tokens(3, 17, 16, torch.float32, kernel_device)
     kw = dict(temperature=0.5, negatives="all", backend="triton")
     per_image = patch_contrastive_loss(first, last, reduction="none", **kw)
     torch.testing.assert_close(PatchContrastiveLoss(reduction="mean", **kw)(first, last), per_image.mean())
@@ -407,7 +378,7 @@ def test_kernel_reduction_none_and_module(kernel_device):
 
 @pytest.mark.kernel
 def test_kernel_matches_torch_path(kernel_device):
-    first, last = make_tokens(2, 40, 24, torch.float32, kernel_device)
+    first, last = contrastive_tokens(2, 40, 24, torch.float32, kernel_device)
     for normalize in (False, True):
         got = patch_contrastive_loss(
             first, last, negatives="all", normalize=normalize, reduction="none", backend="triton"
@@ -432,6 +403,8 @@ def _kernel_signature(fn, dtype, constexprs):
             sig[name] = "constexpr"
         elif name in ("lse2_ptr", "loss_ptr", "coef_ptr"):
             sig[name] = "*fp32"
+        elif name == "mask_ptr":
+            sig[name] = "*i1"
         elif name.endswith("_ptr"):
             sig[name] = f"*{_TRITON_TYPES[dtype]}"
         elif name == "scale_log2":
@@ -442,55 +415,39 @@ def _kernel_signature(fn, dtype, constexprs):
 
 
 @pytest.mark.skipif(INTERPRETER, reason="ahead-of-time compilation needs the real @triton.jit, not the interpreter")
+@pytest.mark.parametrize("d", [64, 384])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("sm", [80, 90])
-def test_contrastive_kernels_compile(sm, dtype):
+def test_contrastive_kernels_compile(sm, dtype, d):
+    """Every kernel at the blocks ``pick_blocks`` gives a GPU; the masked forward at D = 384, the unmasked at 64."""
     from fastpatchdiv.kernels import contrastive as K
     from fastpatchdiv.kernels._utils import dot_precision
 
-    kernels = [
-        (K._contrastive_all_fwd_kernel, K.FWD_DEFAULTS),
-        (K._contrastive_all_bwd_dz_kernel, K.BWD_DEFAULTS),
-        (K._contrastive_all_bwd_da_kernel, K.BWD_DEFAULTS),
+    blk = K.pick_blocks(d, dtype, arch=sm, interpreter=False)
+    common = dict(BLOCK_K=blk.block_k, UPCAST=False, PRECISION=dot_precision(dtype))
+    builds = [
+        (
+            K._contrastive_all_fwd_kernel,
+            dict(HAS_MASK=d == 384, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n),
+            blk.fwd_stages,
+        ),
+        (
+            K._contrastive_all_bwd_kernel,
+            dict(LSE_ON_Y=True, BLOCK_X=blk.bwd_own, BLOCK_Y=blk.bwd_stream, BLOCK_DV=blk.block_dv),
+            blk.bwd_stages,
+        ),
+        (
+            K._contrastive_all_bwd_kernel,
+            dict(LSE_ON_Y=False, BLOCK_X=blk.bwd_own, BLOCK_Y=blk.bwd_stream, BLOCK_DV=blk.block_dv),
+            blk.bwd_stages,
+        ),
     ]
-    for fn, defaults in kernels:
-        constexprs = {k: v for k, v in defaults.items() if k.startswith("BLOCK_")}
-        constexprs.update(UPCAST=False, PRECISION=dot_precision(dtype))
-        compiled = compile_for_cuda(
-            fn,
-            _kernel_signature(fn, dtype, constexprs),
-            constexprs,
-            sm,
-            num_warps=defaults["num_warps"],
-            num_stages=defaults["num_stages"],
-        )
+    for fn, constexprs, stages in builds:
+        constexprs = {**constexprs, **common}
+        sig = _kernel_signature(fn, dtype, constexprs)
+        compiled = compile_for_cuda(fn, sig, constexprs, sm, num_warps=blk.num_warps, num_stages=stages)
         assert compiled.asm["cubin"], f"{fn.__name__}: empty cubin for sm{sm} {dtype}"
-        if sm == 90:  # the GPUs this project is lent; fp32 dZ at these tiles spills a little on sm_80
-            spills = ptxas_spill_bytes(compiled, sm)
-            assert spills in (0, None), f"{fn.__name__}: {spills} bytes of register spills at {defaults}"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared input builders
-# ----------------------------------------------------------------------------------------------------
-
-
-def huge_logit_tokens(dtype, device="cpu", n=18, d=32):
-    """Logits a_i·z_j of ±500 (τ = 1), on and off the diagonal.
-
-    Tokens come in pairs sharing one direction u with |u|² = 500: a_2k = a_2k+1 = u, z_2k = u, z_2k+1 = −u.
-    So S_2k,2k = +500, S_2k+1,2k+1 = −500 (the positive loses by 1000), S_2k,2k+1 = −500, S_2k+1,2k = +500.
-    """
-    u = torch.randn(2, n // 2, d, dtype=torch.float64)
-    u = u / u.norm(dim=-1, keepdim=True) * 500**0.5
-    a = u.repeat_interleave(2, dim=1)
-    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(n // 2)[None, :, None]
-    z = sign * a
-    return a.to(device=device, dtype=dtype), z.to(device=device, dtype=dtype)
-
-
-def run_backward(first, last, **kw):
-    f = first.detach().clone().requires_grad_()
-    z = last.detach().clone().requires_grad_()
-    patch_contrastive_loss(f, z, detach_first=False, temperature=0.2, **kw).backward()
-    return f.grad, z.grad
+        if dtype != torch.float32:
+            assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core instructions in the PTX"
+        spills = ptxas_spill_bytes(compiled, sm)
+        assert spills in (0, None), f"{fn.__name__} {constexprs}: {spills} bytes of register spills at sm_{sm}, {blk}"

@@ -8,15 +8,24 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels.cosine import _triangle_row
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastpatchdiv
 from fastpatchdiv import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
+from fastpatchdiv.kernels import INTERPRETER
+from fastpatchdiv.kernels.cosine import _triangle_row
 from fastpatchdiv.reference import cosine_loss_reference
-from tests.helpers import KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
+from tests.helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    assert_close,
+    check_cosine,
+    compile_for_cuda,
+    cosine_oracle,
+    cosine_tokens,
+    ptxas_spill_bytes,
+)
 
 # N = 2, ragged N and D, D < 16, D not a multiple of the normalise chunk, N past several 16-tiles.
 KERNEL_SHAPES = [(2, 2, 5), (2, 37, 33), (1, 130, 20), (3, 17, 16), (1, 50, 70)]
@@ -24,56 +33,18 @@ KERNEL_SHAPES = [(2, 2, 5), (2, 37, 33), (1, 130, 20), (3, 17, 16), (1, 50, 70)]
 TORCH_SHAPES = [(2, 2, 5), (2, 37, 33), (1, 300, 20), (3, 129, 64)]
 
 
-def make_tokens(shape, dtype, device="cpu"):
-    """Fresh random tokens with varied norms.
-
-    fp32/fp64: plain Gaussian directions. 16-bit: tokens ±(μ + 0.5·noise), so every |cos| sits far from
-    0: a cosine within rounding of 0 flips sign(S) between the kernel and the float64 oracle and moves
-    the gradient by O(1/N), which no 16-bit tolerance can tell from a bug. Signs still vary per pair.
-    """
-    *lead, n, d = shape
-    if dtype in (torch.float32, torch.float64):
-        x = torch.randn(*lead, n, d, dtype=torch.float64)
-    else:
-        mu = torch.randn(*lead, 1, d, dtype=torch.float64)
-        signs = torch.randint(0, 2, (*lead, n, 1)).double() * 2 - 1
-        x = signs * (mu + 0.5 * torch.randn(*lead, n, d, dtype=torch.float64))
-    x = x * torch.exp(0.5 * torch.randn(*lead, n, 1, dtype=torch.float64))
-    return x.to(dtype).to(device)
-
-
-def reference_loss_and_grad(x, weights):
-    """float64 oracle on the same (rounded) inputs: per-image losses and d(Σ w_b loss_b)/dx."""
-    xr = x.detach().double().cpu().requires_grad_()
-    loss = cosine_loss_reference(xr)
-    (loss * weights.double().cpu()).sum().backward()
-    return loss, xr.grad
-
-
-def check_against_reference(x, backend):
-    x = x.detach().requires_grad_()
-    weights = torch.rand(x.shape[0], device=x.device) + 0.5
-    loss = patch_cosine_loss(x, reduction="none", backend=backend)
-    (loss * weights).sum().backward()
-    ref_loss, ref_grad = reference_loss_and_grad(x, weights)
-    assert loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
-    assert_close(loss, ref_loss, x.dtype, "loss")
-    assert_close(x.grad, ref_grad, x.dtype, "grad")
-
-
 # --------------------------------------------------------------------------------------------- kernels
 @pytest.mark.kernel
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
 def test_kernel_matches_reference(kernel_device, shape, dtype):
-    check_against_reference(make_tokens(shape, dtype, kernel_device), "triton")
+    check_cosine(cosine_tokens(shape, dtype, kernel_device), "triton")
 
 
 @pytest.mark.kernel
 def test_kernel_many_tiles(kernel_device):
     # 9 row blocks of 16: the fwd triangle has 45 tiles spread over persistent programs.
-    check_against_reference(make_tokens((1, 140, 24), torch.float32, kernel_device), "triton")
+    check_cosine(cosine_tokens((1, 140, 24), torch.float32, kernel_device), "triton")
 
 
 @triton.jit
@@ -99,7 +70,7 @@ def test_triangle_row_decodes_large_tile_counts(kernel_device):
 @pytest.mark.parametrize("dtype", (torch.float64,) + KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", TORCH_SHAPES)
 def test_torch_path_matches_reference(shape, dtype):
-    check_against_reference(make_tokens(shape, dtype), "torch")
+    check_cosine(cosine_tokens(shape, dtype), "torch")
 
 
 def test_torch_path_gradcheck(monkeypatch):
@@ -112,7 +83,7 @@ def test_torch_path_gradcheck(monkeypatch):
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 3), n=st.integers(2, 160), d=st.integers(1, 40))
 def test_torch_path_any_shape(b, n, d):
-    check_against_reference(torch.randn(b, n, d, dtype=torch.float64), "torch")
+    check_cosine(torch.randn(b, n, d, dtype=torch.float64), "torch")
 
 
 def test_dispatch_without_interpreter_uses_torch_path():
@@ -128,46 +99,31 @@ def test_dispatch_without_interpreter_uses_torch_path():
 
 
 # ------------------------------------------------------------------------------ both paths, each option
-# Where the tests of both paths put their tensors: the GPU when there is one, else the CPU.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    """Both paths; the Triton one only where its kernels can run in this pass."""
-    if request.param == "triton" and not (torch.cuda.is_available() or INTERPRETER):
-        pytest.skip("no kernel device in this pass")
-    return request.param
-
-
-@pytest.mark.kernel
 def test_two_dim_input(backend):
-    x = make_tokens((29, 18), torch.float32, DEVICE).requires_grad_()
+    x = cosine_tokens((29, 18), torch.float32, DEVICE).requires_grad_()
     loss = patch_cosine_loss(x, backend=backend)
     loss.backward()
-    ref_loss, ref_grad = reference_loss_and_grad(x.unsqueeze(0), torch.ones(1))
+    ref_loss, ref_grad = cosine_oracle(x.unsqueeze(0), torch.ones(1))
     assert loss.shape == ()
     assert_close(loss, ref_loss[0], torch.float32, "loss")
     assert_close(x.grad, ref_grad[0], torch.float32, "grad")
 
 
-@pytest.mark.kernel
 @pytest.mark.parametrize("view", ["drop_cls", "transposed", "strided_d"])
 def test_non_contiguous_inputs(backend, view):
     dev = DEVICE
     if view == "drop_cls":
-        x = make_tokens((2, 34, 24), torch.float32, dev)[:, 1:]
+        x = cosine_tokens((2, 34, 24), torch.float32, dev)[:, 1:]
     elif view == "transposed":
-        x = make_tokens((2, 24, 33), torch.float32, dev).transpose(1, 2)
+        x = cosine_tokens((2, 24, 33), torch.float32, dev).transpose(1, 2)
     else:
-        x = make_tokens((2, 33, 48), torch.float32, dev)[..., ::2]
+        x = cosine_tokens((2, 33, 48), torch.float32, dev)[..., ::2]
     assert not x.is_contiguous()
-    check_against_reference(x, backend)
+    check_cosine(x, backend)
 
 
-@pytest.mark.kernel
 def test_zero_vectors(backend):
-    x = make_tokens((2, 21, 19), torch.float32)
+    x = cosine_tokens((2, 21, 19), torch.float32)
     x[0, 3] = 0.0
     x[1, [0, 20]] = 0.0
     x = x.to(DEVICE).requires_grad_()
@@ -175,26 +131,24 @@ def test_zero_vectors(backend):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     assert (x.grad[0, 3] == 0).all() and (x.grad[1, [0, 20]] == 0).all()
-    check_against_reference(x, backend)
+    check_cosine(x, backend)
 
 
-@pytest.mark.kernel
 def test_nan_stays_in_its_image(backend):
-    x = make_tokens((3, 20, 17), torch.float32)
+    x = cosine_tokens((3, 20, 17), torch.float32)
     x[1, 5, 2] = float("nan")
     x = x.to(DEVICE).requires_grad_()
     loss = patch_cosine_loss(x, reduction="none", backend=backend)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
     loss[[0, 2]].sum().backward()
-    ref_loss, ref_grad = reference_loss_and_grad(x[[0, 2]], torch.ones(2))
+    ref_loss, ref_grad = cosine_oracle(x[[0, 2]], torch.ones(2))
     assert_close(loss[[0, 2]], ref_loss, torch.float32, "loss of the clean images")
     assert_close(x.grad[[0, 2]], ref_grad, torch.float32, "grad of the clean images")
     assert torch.isnan(patch_cosine_loss(x, backend=backend))  # and the mean says so
 
 
-@pytest.mark.kernel
 def test_backward_is_deterministic(backend):
-    x = make_tokens((2, 70, 40), torch.float32, DEVICE).requires_grad_()
+    x = cosine_tokens((2, 70, 40), torch.float32, DEVICE).requires_grad_()
     grads, losses = [], []
     for _ in range(2):
         x.grad = None
@@ -206,18 +160,17 @@ def test_backward_is_deterministic(backend):
     assert torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.kernel
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_module_and_function(backend, reduction):
-    x = make_tokens((3, 19, 12), torch.float32, DEVICE)
-    ref_loss, _ = reference_loss_and_grad(x, torch.ones(3))
+    x = cosine_tokens((3, 19, 12), torch.float32, DEVICE)
+    ref_loss, _ = cosine_oracle(x, torch.ones(3))
     expected = {"mean": ref_loss.mean(), "sum": ref_loss.sum(), "none": ref_loss}[reduction]
     grad_out = torch.rand(3, device=x.device) if reduction == "none" else torch.tensor(1.7, device=x.device)
     results = []
     for call in (
         lambda t: patch_cosine_loss(t, reduction=reduction, backend=backend),
         lambda t: PatchCosineLoss(reduction=reduction, backend=backend)(t),
-        lambda t: PatchCosineFunction.apply(t, reduction, backend),
+        lambda t: fastpatchdiv._common.reduce_images(PatchCosineFunction.apply(t, None, backend), reduction),
     ):
         xi = x.clone().requires_grad_()
         out = call(xi)
@@ -258,10 +211,10 @@ def test_bad_input_raises(x, kwargs, error, match):
 
 @pytest.mark.kernel
 def test_wide_tokens_route_to_torch_path(kernel_device):
-    x = make_tokens((1, 5, 1025), torch.float32, kernel_device)
+    x = cosine_tokens((1, 5, 1025), torch.float32, kernel_device)
     with pytest.raises(ValueError, match="D <= 1024"):
         patch_cosine_loss(x, backend="triton")
-    check_against_reference(x, "auto")
+    check_cosine(x, "auto")
 
 
 def test_float64_routes_to_torch_path():
@@ -332,7 +285,8 @@ def test_kernel_memory_is_not_n_squared(dtype):
 @pytest.mark.parametrize("d", [64, 200, 384, 1024])
 def test_kernels_compile_for_cuda(arch, dtype, d):
     """Compiled Triton rejects what the interpreter accepts (tl.dot shapes, dtype rules): build PTX and
-    cubin for every kernel at the block sizes the launchers pick on a GPU."""
+    cubin for every kernel at the block sizes the launchers pick on a GPU. The masked normalisation
+    builds at D = 200 and 1024, the unmasked one at 64 and 384."""
     if INTERPRETER:
         pytest.skip("the interpreter replaces @triton.jit functions; compile in the normal pass")
     from fastpatchdiv.kernels import cosine as k
@@ -343,15 +297,16 @@ def test_kernels_compile_for_cuda(arch, dtype, d):
     prec = dot_precision(dtype)
     ints = {"N": "i32", "D": "i32"}
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+    has_mask = d in (200, 1024)
     builds = {
         "normalize": (
             k._normalize_kernel,
-            {"x_ptr": ptr, "xhat_ptr": ptr, "norm_ptr": "*fp32", **ints, **strides},
-            {"EPS": k.EPS, "BLOCK_M": blk.norm_m, "BLOCK_D": blk.norm_d},
+            {"x_ptr": ptr, "mask_ptr": "*i1", "xhat_ptr": ptr, "norm_ptr": "*fp32", **ints, **strides},
+            {"HAS_MASK": has_mask, "EPS": k.EPS, "BLOCK_M": blk.norm_m, "BLOCK_D": blk.norm_d},
         ),
         "forward": (
             k._cosine_fwd_kernel,
-            {"xhat_ptr": ptr, "partial_ptr": "*fp32", **ints, "NUM_TILES": "i32"},
+            {"xhat_ptr": ptr, "partial_ptr": "*fp64", **ints, "NUM_TILES": "i32"},
             {"BLOCK": blk.fwd, "BLOCK_K": blk.fwd_k, "PRECISION": prec, "UPCAST": False},
         ),
         "backward": (
