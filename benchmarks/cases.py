@@ -78,13 +78,25 @@ OPS: dict[str, Op] = {
 }
 
 # The cost model: multiply-adds (MACs) each provider's path actually performs per image, in units of N²·D,
-# as (forward, backward); full = both. "forward" is a training step's (grad enabled): fastpatchdiv's
-# PyTorch path forms the gradient there from the same tiles (under no_grad: N²·D/2 for cosine, N²·D for
-# "all"), so its backward is an O(N·D) scale: 0 here, "n/a" in the tables. Keyed by (op, provider, path),
-# path = the records' ``backend``. Update a row when a path changes (e.g. a dense path for N <= one tile).
+# as (forward, backward), each a number or a function of the case; full = both. "forward" is a training
+# step's (grad enabled): fastpatchdiv's PyTorch path forms the gradient there from the same tiles, so its
+# backward is an O(N·D) scale: 0 here, "n/a" in the tables. Keyed by (op, provider, path), path = the
+# records' ``backend``. Update a row when a path changes (e.g. a dense path for N <= one tile).
 BLOCK_DV = 128  # kernels/contrastive.py: the dZ pass recomputes the S tiles once per BLOCK_DV columns of D
+
+
+def _cpu_triangle(case: Case) -> float:
+    """The PyTorch cosine path forms tiles J >= I with the diagonal tiles whole: (nb + 1) / (2 nb) of N²·D for
+    nb row blocks of its own tile rule (1 when one tile holds the image; 1/2 as N grows)."""
+    from fastpatchdiv.cosine import _tile_size
+
+    nb = math.ceil(case.N / _tile_size(case.B, case.N))
+    return (nb + 1) / (2 * nb)
+
+
 COST: dict[tuple[str, str, str], tuple] = {
-    ("cosine", "fastpatchdiv", "torch"): (1.5, 0),  # triangle tiles N²D/2; sign(S_IJ) X̂ into G_I and G_J: N²D
+    # the triangle, and with grad sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²D); no_grad: triangle
+    ("cosine", "fastpatchdiv", "torch"): (lambda c: _cpu_triangle(c) + 1, 0),
     ("cosine", "fastpatchdiv", "triton"): (0.5, 2),  # triangle; the backward recomputes S, then sign(S) X̂
     ("cosine", "torch", "eager"): (1, 2),  # the whole Gram; autograd: dS X̂ and dSᵀ X̂
     ("cosine", "torch.compile", "inductor"): (1, 2),
@@ -92,7 +104,7 @@ COST: dict[tuple[str, str, str], tuple] = {
     # over j, recomputing x̂_i·x̂_j and summing sign·x̂_j.
     ("cosine", "keops", "keops"): (1, 2),
     ("contrastive-all", "fastpatchdiv", "torch"): (2, 0),  # S strips, and dZ = Pᵀ A from the same strips
-    ("contrastive-all", "fastpatchdiv", "triton"): (1, lambda d: 1 + math.ceil(d / BLOCK_DV)),  # S per D chunk, Pᵀ A
+    ("contrastive-all", "fastpatchdiv", "triton"): (1, lambda c: 1 + math.ceil(c.D / BLOCK_DV)),  # S per D chunk
     ("contrastive-all", "torch", "eager"): (1, 1),  # S = A Zᵀ; autograd with A detached: dSᵀ A alone
     ("contrastive-all", "torch.compile", "inductor"): (1, 1),
     ("contrastive-all", "keops", "keops"): (1, 2),  # our count of KeOps' LogSumExp gradient: one reduction over i
@@ -124,7 +136,7 @@ def macs(case: Case, path: str) -> float | None:
     """Multiply-adds of one step of ``case`` on ``path``; None when ``COST`` has no row for it."""
     if (row := COST.get((case.op, case.provider, path))) is None:
         return None
-    fwd, bwd = (f(case.D) if callable(f) else f for f in row)
+    fwd, bwd = (f(case) if callable(f) else f for f in row)
     return case.B * case.N**2 * case.D * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
 
 
