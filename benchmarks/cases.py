@@ -162,8 +162,9 @@ class Sweep:
     cuda_warmup_ms: int = 25  # CUDA timing: do_bench's warm-up and repetition times
     cuda_rep_ms: int = 100
     time_cap_s: float | None = None  # CPU: skip a case estimated slower per call (too_slow) ...
-    long_cap_s: float | None = None  # ... or this for full mode at N >= long_min_n, and the peers' full mode
+    long_cap_s: float | None = None  # ... or this for full mode at N >= long_min_n (the rows the sweep is for)
     long_min_n: int = 4096
+    peer_cap_s: float | None = None  # ... or this for the peers' full mode (KeOps on CPU: 10-25 s at N = 196)
     mem_cap_gib: float = 8.0  # CPU: skip a naive case whose N x N footprint is estimated above this
     measure_memory: bool = True
     budget_s: float | None = None  # start no case after this many seconds (the rest: skipped, with why)
@@ -192,7 +193,8 @@ def default_sweep(device: str, kind: str = "default") -> Sweep:
             device, "default", modes=("full",), ns=(196, 576, 4096, 16384, 65536), ds=(384,), dtypes=("fp32", "bf16")
         )
     if cpu:  # D = 768 only at N = 196 (ViT-B/16 at 224 px)
-        return Sweep(device, "full", tokens=16384, d_max_n=((768, 196),), time_cap_s=1.0, long_cap_s=90.0)
+        caps = dict(time_cap_s=1.0, long_cap_s=90.0, peer_cap_s=30.0)
+        return Sweep(device, "full", tokens=16384, d_max_n=((768, 196),), **caps)
     return Sweep(device, "full", dtypes=("fp32", "bf16", "fp16"))
 
 
@@ -255,8 +257,9 @@ def estimate_s(case: Case, history: dict) -> tuple[float, Case] | None:
 def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
     """("skipped", why) when a CPU case's call is estimated over its cap; a backward is charged the forward
     that must run (untimed) before it, here and in the memory child."""
-    long = case.mode == "full" and (case.N >= sweep.long_min_n or case.provider in PEERS)
-    cap = sweep.long_cap_s if long and sweep.long_cap_s is not None else sweep.time_cap_s
+    cap = sweep.long_cap_s if case.mode == "full" and case.N >= sweep.long_min_n else sweep.time_cap_s
+    if case.mode == "full" and case.provider in PEERS and sweep.peer_cap_s is not None:
+        cap = sweep.peer_cap_s
     modes = ("backward", "forward") if case.mode == "backward" else (case.mode,)
     guesses = [g for m in modes if (g := estimate_s(dataclasses.replace(case, mode=m), history))]
     if case.device != "cpu" or cap is None or not guesses or (seconds := sum(g[0] for g in guesses)) <= cap:
