@@ -257,7 +257,8 @@ def estimate_s(case: Case, history: dict) -> tuple[float, Case] | None:
 def too_slow(case: Case, sweep: Sweep, history: dict) -> tuple[str, str] | None:
     """("skipped", why) when a CPU case's call is estimated over its cap; a backward is charged the forward
     that must run (untimed) before it, here and in the memory child."""
-    cap = sweep.long_cap_s if case.mode == "full" and case.N >= sweep.long_min_n else sweep.time_cap_s
+    long = case.mode == "full" and case.N >= sweep.long_min_n and sweep.long_cap_s is not None
+    cap = sweep.long_cap_s if long else sweep.time_cap_s
     if case.mode == "full" and case.provider in PEERS and sweep.peer_cap_s is not None:
         cap = sweep.peer_cap_s
     modes = ("backward", "forward") if case.mode == "backward" else (case.mode,)
