@@ -83,8 +83,10 @@ def main(argv=None) -> int:
         memory.start_cpu_children()
     runner, seconds = Runner(sweep, env, log=tqdm.write), []
     records = runner.ceilings("start of the run")
-    for case in (bar := tqdm(todo, unit="case", dynamic_ncols=True)):
+    for i, case in enumerate(bar := tqdm(todo, unit="case", dynamic_ncols=True)):
         bar.set_postfix_str(case.label(), refresh=True)
+        if i and case.op != todo[i - 1].op:  # more rounds, more chances of a quiet moment for the ceiling
+            records += runner.ceilings(f"before {case.op}")
         t0 = time.perf_counter()
         records += runner.run(case, elapsed_s=t0 - start)
         seconds.append((round(time.perf_counter() - t0, 1), case.label()))
