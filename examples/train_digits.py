@@ -11,12 +11,18 @@ token). Each seed trains it twice from the same initialisation, with the same ba
   first = patch-embedding output, last = final-norm output without the class token), added to the
   model's own forward by ``fastpatchdiv.timm.attach``.
 
+With ``--mixing-weight W`` (default 0) both runs train on CutMix batches (``fastpatchdiv.cutmix_patches``
+on the 2 x 2 patch grid; the cross-entropy takes the mixed images' soft labels) and the diversity run adds
+``W · patch_mixing_loss``: a linear patch head, owned by the ``attach`` object and optimised with the
+model, classifies every last-layer patch token as the digit its pixels came from.
+
 It reports held-out accuracy, the training loss per epoch and the mean |cos| between patch tokens
 after every block on the held-out images (:func:`fastpatchdiv.probe.layer_similarity`), mean ± std
 over seeds, and writes ``results.json``, ``results.md``, ``similarity.png`` and ``loss.png``::
 
     python examples/train_digits.py                      # the committed run: 3 seeds, examples/results/
     python examples/train_digits.py --quick --out /tmp/d  # a few steps (CI)
+    python examples/train_digits.py --mixing-weight 0.5 --out /tmp/mix  # + CutMix and the patch mixing loss
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 import fastpatchdiv.timm
+from fastpatchdiv import cutmix_patches
 from fastpatchdiv.probe import layer_similarity, plot_similarity
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,18 +87,28 @@ def train_one(args, seed: int, run: str, data, bar) -> dict:
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", **MODEL)
     similarity_init = layer_similarity(model, x_test, batch_size=512).mean(dim=1).tolist()
-    cosine_weight, contrastive_weight = (args.cosine_weight, args.contrastive_weight) if run == "diversity" else (0, 0)
+    weights = (args.cosine_weight, args.contrastive_weight, args.mixing_weight) if run == "diversity" else (0, 0, 0)
+    cosine_weight, contrastive_weight, mixing_weight = weights
+    cutmix = args.mixing_weight > 0  # both runs of a seed see the same mixed batches
 
-    # Both runs go through attach: with both weights 0 its loss() is a zero, so the loops are identical.
+    # Both runs go through attach: with every weight 0 its loss() is a zero, so the loops are identical.
     div = fastpatchdiv.timm.attach(
-        model, cosine_weight=cosine_weight, contrastive_weight=contrastive_weight, negatives=args.negatives
+        model,
+        cosine_weight=cosine_weight,
+        contrastive_weight=contrastive_weight,
+        mixing_weight=mixing_weight,
+        negatives=args.negatives,
     )
 
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # div's parameters: the mixing loss's patch head (none when it is off).
+    params = [*model.parameters(), *div.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.1)
     order = torch.Generator().manual_seed(seed)
+    mixes = torch.Generator().manual_seed(seed)
+    patch_size = model.patch_embed.patch_size
     curve = {"ce": [], "total": [], "test_accuracy": []}
     step = 0
     start = time.perf_counter()
@@ -101,8 +118,13 @@ def train_one(args, seed: int, run: str, data, bar) -> dict:
         for batch in torch.randperm(len(y_train), generator=order).split(args.batch_size):
             if step == total_steps:
                 break
-            ce = F.cross_entropy(model(x_train[batch]), y_train[batch])
-            loss = ce + div.loss()
+            images, targets = x_train[batch], y_train[batch]
+            if cutmix:
+                images, patch_targets, targets = cutmix_patches(
+                    images, targets, patch_size, num_classes=MODEL["num_classes"], generator=mixes
+                )
+            ce = F.cross_entropy(model(images), targets)  # targets: (B,) labels, or CutMix's (B, C) soft labels
+            loss = ce + (div.loss(patch_targets=patch_targets) if mixing_weight > 0 else div.loss())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,6 +144,9 @@ def train_one(args, seed: int, run: str, data, bar) -> dict:
         "run": run,
         "cosine_weight": cosine_weight,
         "contrastive_weight": contrastive_weight,
+        "mixing_weight": mixing_weight,
+        "cutmix": cutmix,
+        "final_losses": {name: value.item() for name, value in div.losses().items()},
         "steps": step,
         "seconds": round(time.perf_counter() - start, 1),
         "test_accuracy": curve["test_accuracy"][-1],
@@ -166,6 +191,11 @@ def markdown(summary: dict, args, meta: dict) -> str:
     b, d = summary["baseline"], summary["diversity"]
     init_mean, init_std = summary["init"]["similarity"]
     n = len(args.seeds)
+    mixing = getattr(args, "mixing_weight", 0.0)  # absent from runs made before the option existed
+    data_note = ""
+    if mixing:
+        data_note = " Both runs train on CutMix batches mixed on the patch grid (cross-entropy on the soft labels)."
+    mixing_note = f", mixing {mixing:g}" if mixing else ""
 
     def pm(pair, scale=1.0, digits=3):
         return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
@@ -177,14 +207,15 @@ def markdown(summary: dict, args, meta: dict) -> str:
         f" AdamW, lr {args.lr:g} (one-cycle), batch {args.batch_size}, {_n(meta['epochs'], 'epoch')}"
         f" ({meta['steps']} steps); mean ± std over {_n(n, 'seed')} ({', '.join(map(str, args.seeds))})."
         f" {meta['machine']}, {meta['seconds']:.0f} s"
-        f" for all {2 * n} runs (load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after).",
+        f" for all {2 * n} runs (load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after)."
+        f"{data_note}",
         "",
         "| run | held-out accuracy (%) | last-block mean \\|cos\\| | final training cross-entropy |",
         "|---|---|---|---|",
         f"| baseline (cross-entropy) | {pm(b['test_accuracy'], 100, 1)} | {pm(b['last_similarity'])} |"
         f" {pm(b['final_ce'])} |",
         f"| + diversity (cosine {args.cosine_weight:g}, contrastive {args.contrastive_weight:g},"
-        f" {args.negatives} negatives) | {pm(d['test_accuracy'], 100, 1)} | {pm(d['last_similarity'])} |"
+        f" {args.negatives} negatives{mixing_note}) | {pm(d['test_accuracy'], 100, 1)} | {pm(d['last_similarity'])} |"
         f" {pm(d['final_ce'])} |",
         "",
         "At initialisation (the same weights for both runs of a seed) the last block's mean \\|cos\\| is"
@@ -223,6 +254,13 @@ def parse_args(argv=None):
     parser.add_argument("--cosine-weight", type=float, default=1.0)
     parser.add_argument("--contrastive-weight", type=float, default=0.5)
     parser.add_argument("--negatives", default="mean", choices=["mean", "window", "all"])
+    parser.add_argument(
+        "--mixing-weight",
+        type=float,
+        default=0.0,
+        help="weight of the patch mixing loss in the diversity run (default 0: off); > 0 also trains both runs on"
+        " CutMix batches",
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -13,6 +13,10 @@ those of Gong et al. 2021 ("Vision Transformers with Patch Diversification", arX
 their official code: ``first`` = the patch-embedding output (before position embeddings and prefix
 tokens), ``last`` = the final norm's output with the model's ``num_prefix_tokens`` class/register/
 distillation tokens dropped.
+
+With ``attach(..., mixing_weight=w)`` the patch mixing loss joins them: ``div.loss(patch_targets=...)``
+classifies each last-layer patch token with a linear patch head (owned by ``div``: optimise
+``div.parameters()`` too) as the image its pixels came from, after :func:`fastpatchdiv.cutmix_patches`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from fastpatchdiv._common import BACKENDS, check_reduction
 from fastpatchdiv.contrastive import NEGATIVES, patch_contrastive_loss
 from fastpatchdiv.cosine import patch_cosine_loss
+from fastpatchdiv.mixing import PatchMixingLoss
 
 # The model classes attach() knows, by module; a timm too old to have one simply lacks that family.
 _FAMILY_MODULES = {
@@ -181,6 +186,7 @@ class _Recorder:
             else:
                 grid = tuple(getattr(module, "grid_size", None) or ())
         rec["grid"] = tuple(int(g) for g in grid) if len(grid) == 2 else None
+        rec["patches"] = x.shape[1]  # before patch dropout: the count patch_targets are given for
         if self.keep_first:
             rec["first"], rec["first_version"] = x, x._version
 
@@ -198,6 +204,8 @@ class _Recorder:
             return
         grid = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         rec["grid"] = None if grid is None else (int(grid[0]), int(grid[1]))
+        x = output[0] if isinstance(output, tuple) else output
+        rec["patches"] = x.shape[1] - self.num_prefix_tokens  # the sequence (padding included), before dropout
 
     def naflex_proj_post(self, module, args, output):
         """NaFlexEmbeds.norm: the patch projection (conv or linear), flattened, before position embeddings."""
@@ -231,22 +239,35 @@ class _Recorder:
 class PatchDiversity(nn.Module):
     """The diversity losses of the attached model's latest forward; made by :func:`attach`.
 
-    ``loss()`` returns ``cosine_weight · patch_cosine_loss(last) + contrastive_weight ·
-    patch_contrastive_loss(first, last)`` for the tokens of the latest ``model(...)`` call, in float32
-    (float64 for a float64 model), computed with autocast off. ``losses()`` gives the unweighted parts
-    of the latest ``loss()``. ``remove()`` (or leaving a ``with`` block) takes every hook off the model.
+    ``loss(patch_targets=None)`` returns ``cosine_weight · patch_cosine_loss(last) + contrastive_weight ·
+    patch_contrastive_loss(first, last) + mixing_weight · patch_mixing_loss(last, W, b, patch_targets)``
+    for the tokens of the latest ``model(...)`` call, in float32 (float64 for a float64 model), computed
+    with autocast off. ``losses()`` gives the unweighted parts of the latest ``loss()``. ``remove()`` (or
+    leaving a ``with`` block) takes every hook off the model.
 
-    An nn.Module so that later losses with parameters of their own show up in ``parameters()``; today it
-    has none. The attached model is not a submodule: ``div.parameters()`` never lists the model's.
+    An nn.Module that owns the patch head of the mixing loss: with ``mixing_weight > 0``, ``div.mixing``
+    is a :class:`fastpatchdiv.PatchMixingLoss` and ``div.parameters()`` lists its head (W, b), which the
+    optimiser must update too; ``div.state_dict()`` saves it. A head passed to :func:`attach` that is a
+    module of the model (``head=model.head``) is the model's: it is used but not registered, so
+    ``div.parameters()`` is empty and nothing is listed twice. The attached model is not a submodule:
+    ``div.parameters()`` never lists the model's. ``forward(patch_targets=None)`` is ``loss()``, so
+    DistributedDataParallel can wrap ``div`` to average the head's gradients over ranks.
     """
 
-    def __init__(self, recorder: _Recorder, handles: list, options: dict):
+    def __init__(self, recorder: _Recorder, handles: list, options: dict, mixing: PatchMixingLoss | None, owned: bool):
         super().__init__()
         self._recorder = recorder
         self._handles = handles
         self._options = options
         self._parts: dict[str, torch.Tensor] = {}
         self._removed = False
+        self.mixing = None
+        if owned:
+            self.mixing = mixing
+        else:
+            # The head is one of the model's modules: bypass nn.Module's registration so that parameters()
+            # and state_dict() do not list the model's parameters a second time.
+            self.__dict__["mixing"] = mixing
 
     @property
     def model(self) -> nn.Module:
@@ -256,12 +277,20 @@ class PatchDiversity(nn.Module):
     @property
     def weights(self) -> dict[str, float]:
         """The weights given to attach(), by loss name (the keys of ``losses()``)."""
-        return {"cosine": self._options["cosine_weight"], "contrastive": self._options["contrastive_weight"]}
+        opt = self._options
+        return {
+            "cosine": opt["cosine_weight"],
+            "contrastive": opt["contrastive_weight"],
+            "mixing": opt["mixing_weight"],
+        }
+
+    def _check_not_removed(self) -> None:
+        if self._removed:
+            raise RuntimeError("this PatchDiversity was removed from its model: call fastpatchdiv.timm.attach again")
 
     def _take(self) -> dict:
         rec = self._recorder
-        if self._removed:
-            raise RuntimeError("this PatchDiversity was removed from its model: call fastpatchdiv.timm.attach again")
+        self._check_not_removed()
         if rec.status == "fresh":
             latest, rec.latest, rec.status = rec.latest, None, "consumed"
             return latest
@@ -293,17 +322,40 @@ class PatchDiversity(nn.Module):
             "and forward_intermediates() are not recorded"
         )
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, *, patch_targets: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted diversity loss of the latest forward: a scalar (or (B,) with ``reduction="none"``).
+
+        Args:
+            patch_targets: the mixing loss's per-patch labels, required when ``mixing_weight > 0`` and
+                refused otherwise: (B, N) class indices (``ignore_index=-100`` allowed), or (B, N, C)
+                probabilities, one row per patch token of the latest forward in the patch embedding's
+                row-major order, for the full grid, before any patch dropout (the kept patches' labels
+                are picked here). ``fastpatchdiv.cutmix_patches`` returns them for the mixed images.
 
         Raises:
             RuntimeError: no ``model(...)`` call since attach or since the previous ``loss()``, the latest
-                forward ran in eval mode (without ``in_eval``), or the hooks were removed.
+                forward ran in eval mode (without ``in_eval``), the hooks were removed, or the patch head
+                is on another device than the tokens.
             ValueError: ``negatives="window"`` for a forward without a full patch grid (NaFlex-mode input,
-                patch dropout).
+                patch dropout); ``patch_targets`` missing while ``mixing_weight > 0``, given while it is 0,
+                or not (B, N) / (B, N, C) for the latest forward (and what ``patch_mixing_loss`` raises).
+            TypeError: ``patch_targets`` not a tensor.
         """
-        rec = self._take()
+        self._check_not_removed()
         opt = self._options
+        if opt["mixing_weight"] > 0 and patch_targets is None:
+            raise ValueError(
+                f"attach(..., mixing_weight={opt['mixing_weight']}) needs the per-patch labels of this batch: "
+                "div.loss(patch_targets=...), e.g. the (B, N) labels of fastpatchdiv.cutmix_patches"
+            )
+        if opt["mixing_weight"] == 0 and patch_targets is not None:
+            raise ValueError(
+                "patch_targets were given but the mixing loss is off (mixing_weight=0): attach with "
+                "mixing_weight > 0 to train on them, or drop the argument"
+            )
+        if patch_targets is not None and not isinstance(patch_targets, torch.Tensor):
+            raise TypeError(f"patch_targets must be a torch.Tensor, got {type(patch_targets).__name__}")
+        rec = self._take()
         self._check_unchanged(rec, "last")
         last = rec["last"][:, self._recorder.num_prefix_tokens :]
         if (
@@ -362,6 +414,17 @@ class PatchDiversity(nn.Module):
                 )
                 term = opt["contrastive_weight"] * parts["contrastive"]
                 total = term if total is None else total + term
+            if opt["mixing_weight"] > 0:
+                targets = self._targets_for(rec, patch_targets, keep, last)
+                head = self.mixing.head
+                if head.weight.device != last.device:
+                    raise RuntimeError(
+                        f"the patch head is on {head.weight.device} but the model's tokens are on {last.device}: "
+                        f"move it with div.to({str(last.device)!r}) (attach() creates it where the model is then)"
+                    )
+                parts["mixing"] = self.mixing(last, targets, mask)
+                term = opt["mixing_weight"] * parts["mixing"]
+                total = term if total is None else total + term
         if total is None:  # every weight is 0: a zero of the right shape, no losses computed
             shape = (last.shape[0],) if opt["reduction"] == "none" else ()
             work = torch.float64 if last.dtype == torch.float64 else torch.float32
@@ -369,13 +432,14 @@ class PatchDiversity(nn.Module):
         self._parts = {k: v.detach() for k, v in parts.items()}
         return total
 
-    def forward(self) -> torch.Tensor:
-        """Same as :meth:`loss`."""
-        return self.loss()
+    def forward(self, *, patch_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as :meth:`loss` (the call DistributedDataParallel makes when it wraps ``div``)."""
+        return self.loss(patch_targets=patch_targets)
 
     def losses(self) -> dict[str, torch.Tensor]:
         """Unweighted parts of the latest ``loss()``, detached, for logging: ``{"cosine": ..., "contrastive":
-        ...}`` (a part whose weight is 0 is not computed and not listed; empty before the first ``loss()``).
+        ..., "mixing": ...}`` (a part whose weight is 0 is not computed and not listed; empty before the first
+        ``loss()``).
         """
         return dict(self._parts)
 
@@ -410,6 +474,26 @@ class PatchDiversity(nn.Module):
                 "this model does something attach() does not expect: use the functional API"
             )
 
+    @staticmethod
+    def _targets_for(rec: dict, patch_targets: torch.Tensor, keep, last: torch.Tensor) -> torch.Tensor:
+        """The labels of the tokens in ``last``: checked against the forward, gathered by the kept indices."""
+        b = last.shape[0]
+        n = last.shape[1] if keep is None else rec.get("patches", keep.shape[1])
+        if patch_targets.dim() not in (2, 3) or tuple(patch_targets.shape[:2]) != (b, n):
+            grid = rec.get("grid")
+            where = f" (a {grid[0]} x {grid[1]} grid)" if grid is not None and grid[0] * grid[1] == n else ""
+            raise ValueError(
+                f"patch_targets must be (B, N) class indices or (B, N, C) probabilities for the latest forward's "
+                f"B = {b} images of N = {n} patches{where}, one per patch token; got shape "
+                f"{tuple(patch_targets.shape)}"
+            )
+        if keep is None:
+            return patch_targets
+        index = keep.to(patch_targets.device)
+        if patch_targets.dim() == 3:
+            index = index.unsqueeze(-1).expand(-1, -1, patch_targets.shape[-1])
+        return patch_targets.gather(1, index)
+
     def _window_grid(self, rec: dict, keep, n: int) -> tuple[int, int]:
         if keep is not None:
             raise ValueError(
@@ -432,6 +516,8 @@ def attach(
     *,
     cosine_weight: float = 1.0,
     contrastive_weight: float = 1.0,
+    mixing_weight: float = 0.0,
+    head: nn.Linear | None = None,
     negatives: str = "mean",
     temperature: float = 1.0,
     normalize: bool = False,
@@ -459,7 +545,23 @@ def attach(
         cosine_weight · patch_cosine_loss(last) + contrastive_weight · patch_contrastive_loss(first, last)
 
     with the options below passed through. NaFlexVit's ``patch_valid`` (B, N) mask, given to
-    ``model(...)``, is passed to both losses as ``mask=``, so padded patches count for nothing.
+    ``model(...)``, is passed to every loss as ``mask=``, so padded patches count for nothing.
+
+    The patch mixing loss (the paper's third, Gong et al. 2021 sec. 4) is off by default; with
+    ``mixing_weight > 0``, ``div.loss(patch_targets=...)`` adds
+
+        mixing_weight · patch_mixing_loss(last, head.weight, head.bias, patch_targets)
+
+    for per-patch labels (B, N) (or probabilities (B, N, C)), those of :func:`fastpatchdiv.cutmix_patches`
+    for the CutMix images the forward saw. ``head`` is a linear patch head nn.Linear(D, C) (D = the
+    model's ``embed_dim``): the one passed, or a new one (truncated normal std 0.02, zero bias, as the
+    official code's ``patch_head``) for the model's ``num_classes``, on the model's device and dtype at
+    attach time. ``div.mixing`` is the :class:`fastpatchdiv.PatchMixingLoss` holding it, and
+    ``div.parameters()`` lists it: give them to the optimiser too. Under DistributedDataParallel wrap
+    ``div`` as well (``DistributedDataParallel(div)``, then ``div(patch_targets=...)``): the head lives
+    outside the model's DDP wrapper, and this broadcasts rank 0's head and averages its gradients. A head
+    that is a module of the model (``head=model.head``) is not listed by ``div.parameters()``: it is
+    already the model's.
 
     Behaviour:
 
@@ -474,7 +576,8 @@ def attach(
       0, ``loss()`` returns zeros (no graph) and still needs a fresh forward, so one training loop can run
       the baseline and the regularised model.
     - Patch dropout: handled through its kept indices for Eva and NaFlexVit; timm's VisionTransformer
-      drops patches without reporting which, so there only the cosine loss can be used.
+      drops patches without reporting which, so there only the cosine loss can be used. ``patch_targets``
+      are given for every patch; ``loss()`` picks those of the kept ones.
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-3, distilled DeiT, register-token models),
@@ -484,13 +587,18 @@ def attach(
             hooks added to submodules of code it already compiled: ``loss()`` then raises).
         cosine_weight: weight of :func:`fastpatchdiv.patch_cosine_loss` on the last tokens, finite, >= 0.
         contrastive_weight: weight of :func:`fastpatchdiv.patch_contrastive_loss`, finite, >= 0.
+        mixing_weight: weight of :func:`fastpatchdiv.patch_mixing_loss` on the last tokens, finite, >= 0
+            (default 0: off, and ``loss()`` takes no ``patch_targets``).
+        head: the patch head nn.Linear(D, C) of the mixing loss (``bias=False`` allowed), C the
+            model's ``num_classes`` when it has a classifier; None creates one. Only with
+            ``mixing_weight > 0``.
         negatives, temperature, normalize, window, detach_first: passed to ``patch_contrastive_loss``
             ("window" takes the (H, W) grid from the patch embedding of each forward).
         reduction: "mean" over images (default), "sum", or "none" for (B,) per-image losses.
         last_block: None (default) for the final norm's output, or an int: ``model.blocks[last_block]``'s
             output (Python indexing: -1 is the last block's output *before* the final norm).
         in_eval: also record forwards in eval mode.
-        backend: passed to both losses ("auto", "triton", "torch").
+        backend: passed to every loss ("auto", "triton", "torch").
 
     Returns:
         A :class:`PatchDiversity`; also a context manager that removes the hooks on exit.
@@ -498,10 +606,14 @@ def attach(
     Raises:
         TypeError: a model outside the supported families (use the functional API:
             ``fastpatchdiv.patch_cosine_loss`` / ``patch_contrastive_loss``), nn.DataParallel, non-numeric
-            weights or temperature, non-bool flags, a non-int ``last_block``.
+            weights or temperature, non-bool flags, a non-int ``last_block``, a ``head`` that is not an
+            nn.Linear.
         ValueError: a weight < 0 or not finite, unknown ``negatives``, ``reduction`` or ``backend``,
             temperature <= 0 or not finite, ``window`` even or < 3, ``last_block`` out of range, the
-            contrastive loss with a VisionTransformer that drops patches (``patch_drop_rate > 0``).
+            contrastive or mixing loss with a VisionTransformer that drops patches (``patch_drop_rate >
+            0``), a ``head`` whose in_features is not the model's ``embed_dim`` or whose out_features is
+            not its ``num_classes``, a ``head`` with ``mixing_weight=0``, ``mixing_weight > 0`` without a
+            ``head`` for a model without a classifier (``num_classes=0``).
 
     Example:
         >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10)
@@ -521,6 +633,7 @@ def attach(
         )
     cosine_weight = _check_weight("cosine_weight", cosine_weight)
     contrastive_weight = _check_weight("contrastive_weight", contrastive_weight)
+    mixing_weight = _check_weight("mixing_weight", mixing_weight)
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
@@ -545,12 +658,21 @@ def attach(
             raise ValueError(f"last_block={last_block} is out of range for a model with {depth} blocks")
 
     patch_drop = getattr(inner, "patch_drop", None)
-    if contrastive_weight > 0 and isinstance(patch_drop, PatchDropout) and patch_drop.prob > 0:
-        raise ValueError(
-            f"{type(inner).__name__} drops patches (patch_drop_rate={patch_drop.prob}) without telling which, "
-            "so first- and last-layer tokens cannot be paired: use contrastive_weight=0 (the cosine loss "
-            "works on the kept tokens), or a model without patch dropout"
-        )
+    if isinstance(patch_drop, PatchDropout) and patch_drop.prob > 0:
+        if contrastive_weight > 0:
+            raise ValueError(
+                f"{type(inner).__name__} drops patches (patch_drop_rate={patch_drop.prob}) without telling which, "
+                "so first- and last-layer tokens cannot be paired: use contrastive_weight=0 (the cosine loss "
+                "works on the kept tokens), or a model without patch dropout"
+            )
+        if mixing_weight > 0:
+            raise ValueError(
+                f"{type(inner).__name__} drops patches (patch_drop_rate={patch_drop.prob}) without telling which, "
+                "so the kept tokens cannot be matched to their patch labels: use mixing_weight=0, or a model "
+                "without patch dropout"
+            )
+
+    mixing, owned = _mixing_loss(inner, mixing_weight, head, reduction, backend)
 
     naflex = family == "NaFlexVit"
     keep_first = contrastive_weight > 0
@@ -564,7 +686,7 @@ def attach(
         handles.append(inner.embeds.register_forward_hook(recorder.naflex_embeds_post))
         if keep_first:
             handles.append(inner.embeds.norm.register_forward_hook(recorder.naflex_proj_post))
-    elif keep_first:
+    elif keep_first or mixing is not None:  # mixing: the patch count before dropout
         handles.append(inner.patch_embed.register_forward_hook(recorder.patch_embed_post))
     if isinstance(patch_drop, nn.Module):
         handles.append(patch_drop.register_forward_hook(recorder.patch_drop_post))
@@ -575,6 +697,7 @@ def attach(
     options = {
         "cosine_weight": cosine_weight,
         "contrastive_weight": contrastive_weight,
+        "mixing_weight": mixing_weight,
         "negatives": negatives,
         "temperature": float(temperature),
         "normalize": normalize,
@@ -585,7 +708,38 @@ def attach(
         "in_eval": in_eval,
         "backend": backend,
     }
-    return PatchDiversity(recorder, handles, options)
+    return PatchDiversity(recorder, handles, options, mixing, owned)
+
+
+def _mixing_loss(model: nn.Module, weight: float, head, reduction: str, backend: str):
+    """(the PatchMixingLoss or None, whether div owns its head); checks ``head`` against the model."""
+    if weight == 0:
+        if head is not None:
+            raise ValueError(
+                "head is the patch head of the mixing loss, which is off (mixing_weight=0): pass mixing_weight > 0"
+            )
+        return None, True
+    dim, classes = int(model.embed_dim), int(getattr(model, "num_classes", 0) or 0)
+    if head is None:
+        if classes == 0:
+            raise ValueError(
+                f"the {type(model).__name__} has no classifier (num_classes=0), so attach() cannot size the patch "
+                f"head of the mixing loss: pass head=nn.Linear({dim}, num_classes)"
+            )
+        # PatchMixingLoss initialises its head as the official code's patch_head: truncated normal (std 0.02)
+        # weights, zero bias.
+        mixing = PatchMixingLoss(dim, classes, reduction=reduction, backend=backend)
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        return (mixing if param is None else mixing.to(device=param.device, dtype=param.dtype)), True
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an nn.Linear(embed_dim, num_classes), got {type(head).__name__}")
+    if head.in_features != dim or (classes and head.out_features != classes):
+        raise ValueError(
+            f"head must be nn.Linear({dim}, {classes or 'C'}) for this {type(model).__name__} (embed_dim={dim}, "
+            f"num_classes={classes}); got nn.Linear({head.in_features}, {head.out_features})"
+        )
+    owned = not any(m is head for m in model.modules())
+    return PatchMixingLoss(reduction=reduction, backend=backend, head=head), owned
 
 
 __all__ = ["attach", "PatchDiversity", "SUPPORTED_FAMILIES"]

@@ -26,9 +26,10 @@ def _example_module():
 
 
 @pytest.mark.slow
-def test_train_digits_quick_writes_results(tmp_path):
+@pytest.mark.parametrize("mixing", [[], ["--mixing-weight", "0.5"]], ids=["default", "mixing"])
+def test_train_digits_quick_writes_results(tmp_path, mixing):
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path), *mixing],
         capture_output=True,
         text=True,
         timeout=300,
@@ -45,6 +46,15 @@ def test_train_digits_quick_writes_results(tmp_path):
     baseline, diversity = runs
     assert baseline["similarity_init"] == diversity["similarity_init"], "both runs of a seed start from one init"
     assert baseline["contrastive_weight"] == 0 and diversity["contrastive_weight"] > 0
+    assert baseline["final_losses"] == {}
+    if mixing:  # CutMix batches for both runs, the mixing loss (and its head) in the diversity run only
+        assert baseline["cutmix"] and diversity["cutmix"]
+        assert baseline["mixing_weight"] == 0 and diversity["mixing_weight"] == 0.5
+        assert set(diversity["final_losses"]) == {"cosine", "contrastive", "mixing"}
+        assert 0 < diversity["final_losses"]["mixing"] < 10  # about ln(10) = 2.3 at the start
+        assert "mixing 0.5) |" in (tmp_path / "results.md").read_text()
+    else:
+        assert not diversity["cutmix"] and set(diversity["final_losses"]) == {"cosine", "contrastive"}
     for name in ("similarity.png", "loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| baseline (cross-entropy) |" in (tmp_path / "results.md").read_text()

@@ -30,9 +30,14 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos  # noqa: E402
 
 import fastpatchdiv.timm as fpt  # noqa: E402
-from fastpatchdiv import patch_contrastive_loss  # noqa: E402
+from fastpatchdiv import cutmix_patches, patch_contrastive_loss  # noqa: E402
 from fastpatchdiv.reference import contrastive_loss_reference, cosine_loss_reference  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
+
+try:  # the mixing oracle is moving into fastpatchdiv.reference
+    from fastpatchdiv.reference import mixing_loss_reference  # noqa: E402
+except ImportError:
+    from fastpatchdiv.reference_mixing import mixing_loss_reference  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 F32 = torch.float32
@@ -389,6 +394,146 @@ def test_eva_patch_dropout_pairs_the_kept_patches():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The patch mixing loss: attach(..., mixing_weight=..., head=...), loss(patch_targets=...)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _mixing_reference(last, head, targets, mask=None):
+    """Per-image float64 mixing loss of the given tokens; gradients reach ``last`` and the head."""
+    bias = None if head.bias is None else head.bias.double()
+    return mixing_loss_reference(last.double(), head.weight.double(), bias, targets, mask=mask)
+
+
+@pytest.mark.parametrize("family, labels", [("vit", "hard"), ("registers", "soft"), ("naflexvit", "hard")])
+def test_mixing_loss_and_gradients_match_reference(family, labels):
+    model, x = _model(family)
+    gen = torch.Generator().manual_seed(2)
+    x, patch_labels, soft = cutmix_patches(x, torch.arange(3), 8, num_classes=10, generator=gen)
+    if labels == "soft":  # arbitrary per-patch probabilities, (B, N, C)
+        patch_labels = torch.randn(*patch_labels.shape, 10, generator=gen).softmax(dim=-1)
+    weights = dict(cosine_weight=1.0, contrastive_weight=0.5, mixing_weight=0.5)
+    div = fpt.attach(model, **weights, **LOSS_OPTIONS)
+    head = div.mixing.head
+    torch.manual_seed(1)
+    loss = F.cross_entropy(model(x), soft) + div.loss(patch_targets=patch_labels)
+    loss.backward()
+    got_grads = {**_grads(model), **{f"head.{n}": p.grad.clone() for n, p in head.named_parameters()}}
+    parts = div.losses()
+    div.remove()
+
+    model.zero_grad()
+    head.zero_grad()
+    torch.manual_seed(1)
+    first, last = _tokens_by_hand(model, x)
+    others, other_parts = _reference(first, last, cosine_weight=1.0, contrastive_weight=0.5, **LOSS_OPTIONS)
+    mixing = _mixing_reference(last, head, patch_labels).mean()
+    logits = model.forward_head(model.forward_features(x))
+    expected = F.cross_entropy(logits.double(), soft.double()) + others + 0.5 * mixing
+    expected.backward()
+    expected_grads = {**_grads(model), **{f"head.{n}": p.grad for n, p in head.named_parameters()}}
+
+    assert_close(loss, expected, F32, f"{family} loss")
+    assert set(parts) == {"cosine", "contrastive", "mixing"}
+    assert_close(parts["mixing"], mixing, F32, f"{family} mixing part")
+    assert set(got_grads) == set(expected_grads)
+    for name, g in got_grads.items():
+        assert_close(g, expected_grads[name], F32, f"{family} d/d{name}")
+    assert got_grads["head.weight"].abs().sum() > 0 and got_grads["head.bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["eva", "naflexvit"])
+def test_mixing_labels_follow_patch_dropout_and_padding(family):
+    """Labels are given for every patch; loss() keeps those of the kept patches, and padding does not count."""
+    torch.manual_seed(0)
+    if family == "eva":
+        model = Eva(img_size=32, patch_drop_rate=0.5, **SMALL).train()
+        inputs, kwargs, mask = (torch.randn(3, 3, 32, 32),), {}, None
+    else:
+        cfg = NaFlexVitCfg(patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2, patch_drop_rate=0.5)
+        model = NaFlexVit(cfg, num_classes=10).train()
+        patches, coord, mask = _naflex_batch([(32, 48), (24, 16), (40, 40)])
+        inputs, kwargs = (patches,), dict(patch_coord=coord, patch_valid=mask)
+    n = 16 if family == "eva" else mask.shape[1]
+    labels = torch.randint(0, 10, (3, n))
+    if mask is not None:
+        labels[~mask] = 99  # padding: out of range, so counting it would raise
+    kept = {}
+    model.patch_drop.register_forward_hook(lambda m, a, out: kept.update(idx=out[1]))
+    with fpt.attach(model, cosine_weight=0, contrastive_weight=0, mixing_weight=1.0, reduction="none") as div:
+        torch.manual_seed(1)
+        model(*inputs, **kwargs)
+        got = div.loss(patch_targets=labels)
+        head = div.mixing.head
+    torch.manual_seed(1)  # the same dropped patches again
+    feats = model.forward_features(*inputs, **kwargs)
+    last = (feats["patches"] if isinstance(feats, dict) else feats)[:, model.num_prefix_tokens :]
+    idx = kept["idx"]
+    assert last.shape[1] == idx.shape[1] < n
+    kept_mask = None if mask is None else mask.gather(1, idx)
+    # F.cross_entropy checks every label, counted or not: the reference gets in-range padding labels.
+    expected = _mixing_reference(last, head, labels.clamp(max=9).gather(1, idx), mask=kept_mask)
+    assert got.shape == (3,)
+    assert_close(got, expected, F32, f"{family} kept patches")
+
+
+def test_mixing_head_is_created_passed_or_the_models():
+    model, x = _model("vit")
+    labels = torch.randint(0, 10, (3, 16))
+    # Created: the official patch head's init, in the model's dtype, listed by parameters() and state_dict().
+    with fpt.attach(model.double(), mixing_weight=1.0) as div:
+        head = div.mixing.head
+        assert (head.in_features, head.out_features) == (32, 10) and head.weight.dtype == torch.float64
+        assert not head.bias.any() and 0.01 < head.weight.std().item() < 0.03
+        assert list(div.parameters()) == [head.weight, head.bias]
+        assert set(div.state_dict()) == {"mixing.head.weight", "mixing.head.bias"}
+        model(x.double())
+        assert div.loss(patch_targets=labels).dtype == torch.float64
+    model.float()
+    # Passed, without a bias.
+    own = nn.Linear(32, 10, bias=False)
+    with fpt.attach(model, cosine_weight=0, contrastive_weight=0, mixing_weight=2.0, head=own) as div:
+        model(x)
+        got = div.loss(patch_targets=labels)
+        last = model.forward_features(x)[:, 1:]
+        assert_close(got, 2.0 * _mixing_reference(last, own, labels).mean(), F32, "head without bias")
+        assert list(div.parameters()) == [own.weight]
+        # A head left behind when the model moves: a clear error, not a device mismatch deep inside.
+        own.to("meta")
+        model(x)
+        with pytest.raises(RuntimeError, match=r"patch head is on meta .* div\.to\('cpu'\)"):
+            div.loss(patch_targets=labels)
+    # The model's own classifier: used, but the model already lists it, so div does not.
+    model.zero_grad()
+    with fpt.attach(model, cosine_weight=0, contrastive_weight=0, mixing_weight=1.0, head=model.head) as div:
+        assert list(div.parameters()) == [] and div.state_dict() == {}
+        model(x)
+        div.loss(patch_targets=labels).backward()
+        assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_mixing_loss_arguments():
+    model, x = _model("vit")
+    labels = torch.randint(0, 10, (3, 16))
+    with fpt.attach(model, mixing_weight=1.0) as div:
+        model(x)
+        with pytest.raises(ValueError, match=r"mixing_weight=1.0\) needs the per-patch labels"):
+            div.loss()  # checked before the forward's tokens are taken: the next call still has them
+        with pytest.raises(TypeError, match="patch_targets must be a torch.Tensor, got list"):
+            div.loss(patch_targets=labels.tolist())
+        with pytest.raises(ValueError, match=r"B = 3 images of N = 16 patches \(a 4 x 4 grid\).* got shape \(3, 15\)"):
+            div.loss(patch_targets=labels[:, :15])
+    with fpt.attach(model) as div:
+        model(x)
+        with pytest.raises(ValueError, match="the mixing loss is off"):
+            div.loss(patch_targets=labels)
+    torch.manual_seed(0)
+    featureless = VisionTransformer(img_size=32, **{**SMALL, "num_classes": 0})
+    with pytest.raises(ValueError, match=r"no classifier \(num_classes=0\).* head=nn\.Linear\(32, num_classes\)"):
+        fpt.attach(featureless, mixing_weight=1.0)
+    fpt.attach(featureless, mixing_weight=1.0, head=nn.Linear(32, 7)).remove()  # any C without a classifier
+
+
+# ----------------------------------------------------------------------------------------------------
 # remove(), wrappers, copies
 # ----------------------------------------------------------------------------------------------------
 
@@ -414,10 +559,11 @@ def test_remove_restores_the_model_exactly(family):
     attrs_before = {name: set(vars(m)) for name, m in model.named_modules()}
     out_before = model(x)
 
-    div = fpt.attach(model, contrastive_weight=0.5)
+    div = fpt.attach(model, contrastive_weight=0.5, mixing_weight=0.5)  # the mixing head stays outside the model
     assert _hook_state(model) != hooks_before
     assert torch.equal(model(x), out_before)  # hooks only look
-    div.loss().backward()
+    labels = torch.randint(0, 10, (x.shape[0], (x.shape[2] // 8) * (x.shape[3] // 8)))
+    div.loss(patch_targets=labels).backward()
     model(x)  # tokens held when removed
     div.remove()
     div.remove()  # idempotent
@@ -529,6 +675,15 @@ def test_unknown_negatives_has_the_losss_message():
         (dict(last_block=2), ValueError, "last_block=2 is out of range for a model with 2 blocks"),
         (dict(last_block=-3), ValueError, "last_block=-3 is out of range"),
         (dict(last_block="norm"), TypeError, "last_block must be None or an int"),
+        (dict(mixing_weight=-1), ValueError, "mixing_weight must be a finite number >= 0, got -1"),
+        (
+            dict(mixing_weight=1, head=nn.Linear(16, 10)),
+            ValueError,
+            r"head must be nn\.Linear\(32, 10\) .* got nn\.Linear\(16, 10\)",
+        ),
+        (dict(mixing_weight=1, head=nn.Linear(32, 7)), ValueError, r"num_classes=10\); got nn\.Linear\(32, 7\)"),
+        (dict(mixing_weight=1, head=nn.Conv2d(32, 10, 1)), TypeError, "head must be an nn.Linear.* got Conv2d"),
+        (dict(head=nn.Linear(32, 10)), ValueError, r"mixing loss, which is off \(mixing_weight=0\)"),
     ],
 )
 def test_bad_arguments_raise_at_attach(kwargs, error, match):
@@ -547,6 +702,8 @@ def test_data_parallel_and_vit_patch_dropout_are_refused():
     dropping = VisionTransformer(img_size=32, patch_drop_rate=0.25, **SMALL)
     with pytest.raises(ValueError, match="patch_drop_rate=0.25"):
         fpt.attach(dropping)
+    with pytest.raises(ValueError, match="cannot be matched to their patch labels"):
+        fpt.attach(dropping, contrastive_weight=0, mixing_weight=1.0)
     fpt.attach(dropping, contrastive_weight=0).remove()  # the cosine loss alone works on the kept patches
 
 
@@ -557,11 +714,20 @@ def test_import_without_timm_says_pip_install_timm():
     assert "ImportError" in out.stderr and "pip install timm" in out.stderr, out.stderr[-2000:]
 
 
-def test_readme_trainer_example_runs():
+def test_readme_trainer_examples_run():
     text = README.read_text()
-    section = text[text.index("## Use it in your trainer") :]
-    example = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    start = text.index("## Use it in your trainer")
+    section = text[start : text.index("\n## ", start + 1)]
+    examples = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(examples) == 2, "the section shows the two-line loop, then the mixing loss"
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(examples[0], "README.md", "exec"), namespace)
     assert namespace["loss"].isfinite()
     assert set(namespace["div"].losses()) == {"cosine", "contrastive"}
+    namespace["div"].remove()
+    # The mixing example continues the first one.
+    exec(compile(examples[1], "README.md", "exec"), namespace)
+    assert namespace["loss"].isfinite()
+    assert set(namespace["div"].losses()) == {"cosine", "contrastive", "mixing"}
+    head = namespace["div"].mixing.head
+    assert any(p is head.weight for group in namespace["optimizer"].param_groups for p in group["params"])
