@@ -67,9 +67,10 @@ def _torch_all(
     dA_I = (P − I) Z and dZ += (P − I)ᵀ A_I. Forward and backward together cost what autograd of the
     naive formula costs (N²·D, plus N²·D for each gradient), with O(t·N) scratch instead of N x N.
     The strip is held transposed, (B, N, t) = Z A_Iᵀ: with t small and N large, both GEMMs then run
-    on contiguous operands, and the softmax takes one exp per element. Strips are visited in order, so
+    on contiguous operands. Strips are visited in order, so
     the result is deterministic. Masked columns get the dtype's lowest value (finite, so an image
     without real patches stays finite); masked tokens arrive zeroed and add nothing to the gradients.
+    One fused log_softmax per strip gives both the row losses (−log P_ii) and, exponentiated, P.
     """
     B, N, _ = a.shape
     t = max(1, min(N, _TORCH_TILE_ELEMS // max(1, B * N)))
@@ -80,16 +81,17 @@ def _torch_all(
     for i0 in range(0, N, t):
         i1 = min(i0 + t, N)
         ai = a[:, i0:i1]
-        p = torch.bmm(z, ai.transpose(1, 2)).mul_(1.0 / temperature)  # column k is row i0 + k of S
-        pos = p.diagonal(offset=-i0, dim1=1, dim2=2).clone()
+        # Column k is row i0 + k of S = A Zᵀ / τ; the 1/τ rides on the GEMM (beta = 0 ignores the input).
+        s = torch.baddbmm(z.new_empty(()).expand(B, N, i1 - i0), z, ai.transpose(1, 2), beta=0, alpha=1 / temperature)
         if dropped is not None:
-            p.masked_fill_(dropped, torch.finfo(p.dtype).min)
-        m = p.amax(dim=1, keepdim=True)
-        total = p.sub_(m).exp_().sum(dim=1, keepdim=True)
-        row_loss[:, i0:i1] = (m + total.log()).squeeze(1) - pos
+            s.masked_fill_(dropped, torch.finfo(s.dtype).min)
+        p = torch.log_softmax(s, dim=1)  # log P = S − lse, in one fused pass over the strip
+        del s
+        diagonal = p.diagonal(offset=-i0, dim1=1, dim2=2)
+        row_loss[:, i0:i1] = -diagonal  # ℓ_i = lse_i − S_ii, exact however small P_ii is
         if need_a or need_z:
-            p.div_(total)
-            p.diagonal(offset=-i0, dim1=1, dim2=2).sub_(1.0)
+            p.exp_()
+            diagonal.sub_(1.0)
             if need_a:
                 da[:, i0:i1] = torch.bmm(p.transpose(1, 2), z)
             if need_z:
