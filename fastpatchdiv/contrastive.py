@@ -226,38 +226,97 @@ class PatchContrastiveFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------
-# negatives="mean" / "window": O(N·D) torch ops, autograd does the backward (twice, if asked)
+# negatives="mean" / "window": O(N·D), a closed-form backward, plain autograd for double backward
 # ----------------------------------------------------------------------------------------------------
 
 
-def _box_sum(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
-    """Σ of z over the k x k window around each patch of the (H, W) grid, zero padded; (B, N, D) -> (B, N, D)."""
+def _box_mean(z: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Mean of z over the k x k window around each patch of the (H, W) grid, zero padding counted in k²;
+    (B, N, D) -> (B, N, D). Times k² it is the window's zero-padded sum (a symmetric operator)."""
     B, N, D = z.shape
     # An NCHW view with channels-last strides: no copy, and the pooling vectorises over D.
     img = z.reshape(B, *grid, D).permute(0, 3, 1, 2)
     # The box is separable: a 1 x k then a k x 1 pass add 2k terms per patch instead of k².
-    # count_include_pad=True divides by k in each pass, so the zero-padded box sum is avg * k².
     r = window // 2
     img = F.avg_pool2d(img, (1, window), stride=1, padding=(0, r), count_include_pad=True)
     img = F.avg_pool2d(img, (window, 1), stride=1, padding=(r, 0), count_include_pad=True)
-    return (img * (window * window)).permute(0, 2, 3, 1).reshape(B, N, D)
+    return img.permute(0, 2, 3, 1).reshape(B, N, D)
 
 
-def _mean_window_loss(a, z, mask, temperature, negatives, grid, window):
+def _local_terms(a, z, mask, temperature, grid, window):
+    """The logits of ℓ_i = lse(0, neg_i − pos_i[, loc_i − pos_i]) as (B, N, 2 or 3), and N_b as (B, 1).
+
+    a_i·m_i = (a_i·Σ_j z_j − a_i·z_i)/(N_b − 1) and a_i·w_i = (k²·a_i·box_i − a_i·z_i)/(k² − 1): matrix-
+    vector products, no (B, N, D) temporary. Masked tokens are zero, so Σ_j runs over the real ones."""
     B, N, _ = a.shape
-    nb = valid_counts(mask, B, N, a.device).to(a.dtype).unsqueeze(-1)  # (B, 1)
-    az = torch.linalg.vecdot(a, z)  # a_i·z_i, (B, N)
-    # a_i·mean_{j≠i} z_j = (a_i·Σ_j z_j − a_i·z_i)/(N_b − 1): a matrix-vector product, no (B, N, D)
-    # temporary. Masked tokens are zero, so Σ_j runs over the real ones.
+    nb = valid_counts(mask, B, N, a.device).to(a.dtype).unsqueeze(-1)
+    az = torch.linalg.vecdot(a, z)
     a_sum = torch.bmm(a, z.sum(dim=1).unsqueeze(-1)).squeeze(-1)
     terms = [torch.zeros_like(az), ((a_sum - az) / (nb - 1).clamp_min(1) - az) / temperature]
-    if negatives == "window":
-        # w_i = (box_i − z_i)/(k² − 1): the window's other patches (the box includes z_i itself).
-        a_box = torch.linalg.vecdot(a, _box_sum(z, grid, window))
+    if window:
+        a_box = torch.linalg.vecdot(a, _box_mean(z, grid, window)) * (window * window)
         terms.append(((a_box - az) / (window * window - 1) - az) / temperature)
-    # lse(pos, neg, ...) − pos = lse(0, neg − pos, ...): the differences are formed before exp.
-    row_loss = torch.logsumexp(torch.stack(terms, dim=-1), dim=-1)
-    return _image_mean(row_loss, mask)
+    return torch.stack(terms, dim=-1), nb
+
+
+def _local_loss(a, z, mask, temperature, grid, window):
+    """Per-image loss of "mean" (window = 0) or "window", in plain autograd: the double-backward path."""
+    terms, _ = _local_terms(a, z, mask, temperature, grid, window)
+    return _image_mean(torch.logsumexp(terms, dim=-1), mask)
+
+
+class _LocalNegatives(torch.autograd.Function):
+    """Per-image losses of negatives="mean" (window = 0) or "window", with the gradient in closed form.
+
+    With π_i = softmax of row i's logits and c_i = g_b/N_b on real rows: dℓ/d(a_i·z_j) weights are
+    r_i = c_i π_i1 / ((N_b − 1)τ) for the mean, q_i = c_i π_i2 k² / ((k² − 1)τ) for the window and
+    d_i = −c_i (π_i1 + π_i2)/τ − r_i − q_i/k² for the positive, so
+        dz_j = Σ_i r_i a_i + box_mean(q a)_j + d_j a_j,   da_i = r_i Σ_j z_j + q_i box_mean(Z)_i + d_i z_i.
+    Autograd of the formula forms (B, N, D) temporaries at every node; this takes a matrix-vector
+    product, one box pass and two fused updates. Under ``create_graph=True`` the backward differentiates
+    the formula itself, so gradient penalties stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, a, z, mask, temperature, grid, window):
+        terms, nb = _local_terms(a, z, mask, temperature, grid, window)
+        ctx.save_for_backward(a, z, mask, torch.softmax(terms, dim=-1), nb)
+        ctx.args = (temperature, grid, window)
+        return _image_mean(torch.logsumexp(terms, dim=-1), mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, z, mask, pi, nb = ctx.saved_tensors
+        temperature, grid, window = ctx.args
+        need_a, need_z = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                loss = _local_loss(a, z, mask, temperature, grid, window)
+            inputs = [t for t, need in ((a, need_a), (z, need_z)) if need]
+            grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+            return (next(grads) if need_a else None), (next(grads) if need_z else None), None, None, None, None
+        c = torch.where(nb >= 2, grad.unsqueeze(-1).to(a.dtype) / nb.clamp_min(1), torch.zeros_like(nb))
+        if mask is not None:
+            c = c * mask
+        r = c * pi[..., 1] / ((nb - 1).clamp_min(1) * temperature)
+        diag = -c * pi[..., 1:].sum(dim=-1) / temperature - r
+        q = None
+        if window:
+            q = c * pi[..., 2] * (window * window) / ((window * window - 1) * temperature)
+            diag = diag - q / (window * window)
+
+        da = dz = None
+        if need_z:  # dz_j = Σ_i r_i a_i + box_mean(q a)_j + diag_j a_j
+            dz = torch.bmm(r.unsqueeze(1), a).expand_as(a)
+            if q is not None:
+                dz = dz + _box_mean(q.unsqueeze(-1) * a, grid, window)
+            dz = torch.addcmul(dz, diag.unsqueeze(-1), a)
+        if need_a:  # da_i = r_i Σ_j z_j + q_i box_mean(z)_i + diag_i z_i
+            da = r.unsqueeze(-1) * z.sum(dim=1, keepdim=True)
+            if q is not None:
+                da = torch.addcmul(da, q.unsqueeze(-1), _box_mean(z, grid, window))
+            da = torch.addcmul(da, diag.unsqueeze(-1), z)
+        return da, dz, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,7 +476,7 @@ def patch_contrastive_loss(
             if negatives == "all":
                 per_image = PatchContrastiveFunction.apply(a, z, mask, tau, "torch", torch.is_grad_enabled())
             else:
-                per_image = _mean_window_loss(a, z, mask, tau, negatives, grid, window)
+                per_image = _LocalNegatives.apply(a, z, mask, tau, grid, window if negatives == "window" else 0)
         return reduce_images(per_image, reduction)
 
 
