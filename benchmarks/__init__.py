@@ -1,5 +1,5 @@
-"""Benchmarks of fastpatchdiv against the naive PyTorch reference, eager and compiled.
+"""Benchmarks of fastpatchdiv against the naive PyTorch reference (eager, torch.compile) and the peers.
 
-``python -m benchmarks`` runs the sweep and writes ``benchmarks/results/<device>/``;
+``python -m benchmarks`` runs the default sweep (``--full``: every case; ``--quick``: the CI smoke run);
 ``pytest benchmarks/ --benchmark-only`` times the same cases with pytest-benchmark. See README.md.
 """

@@ -1,16 +1,10 @@
-"""Peak memory of one timed step above what was allocated before it (inputs; for backward, also the graph).
+"""Peak memory of one step above what was allocated before it (inputs; for backward, also the graph).
 
-CUDA: ``torch.cuda.max_memory_allocated`` in the benchmarking process. CPU: tracemalloc does not see
-torch's allocator, so each case runs in a fresh child process and we read its peak RSS
-(``getrusage().ru_maxrss``). Children are forked from a forkserver that has imported torch but run
-nothing, so a child costs milliseconds instead of a torch import. In the child a warm-up step runs
-first (lazy initialisation; torch.compile's compilation), then the RSS high-water mark is reset
-(``/proc/self/clear_refs``) and the measured step runs. The eager providers warm up on a small copy
-of the case (``cases.warmup_case``): their one-time work does not depend on the shape, and a
-same-shape warm-up would double the cost of the long cases (a minute each at N = 65536 on CPU).
-torch.compile warms up on the case itself, because it compiles one graph per shape. glibc gets a
-fixed mmap threshold so that buffers freed by the warm-up go back to the OS rather than being reused
-unseen by the measured run.
+CUDA: ``torch.cuda.max_memory_allocated`` in this process. CPU: each case runs in a fresh child process
+forked from a forkserver that has imported everything but run nothing (``_preload``); the child runs a
+warm-up step (``cases.warmup_case``), resets the RSS high-water mark (``/proc/self/clear_refs``), runs the
+step and reports the growth of ``ru_maxrss``. Its glibc mmaps every buffer of 64 KiB and more, so freed
+buffers go back to the OS instead of being reused unseen by the measured step.
 """
 
 from __future__ import annotations
@@ -21,15 +15,15 @@ import multiprocessing.forkserver
 import os
 import resource
 import signal
-import sys
 
 import torch
 
-from benchmarks.cases import Case, compile_in_process, loss_fn, quiet, warmup_case, workload
+from benchmarks.cases import Case, warmup_case, workload
+from benchmarks.providers import Providers, first_line, setup
 
-# Allocations of 64 KiB and more are mmapped and unmapped on free, so the RSS follows live memory.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "FASTPATCHDIV_BENCH_FORKSERVER": "1"}
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+_context = None
 
 
 def is_oom(e: BaseException) -> bool:
@@ -38,15 +32,9 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]
-
-
 def cuda_peak_bytes(case: Case, fn) -> int:
-    """Peak allocated bytes during one step, above those allocated before it (a fresh workload, one input set)."""
-    w = workload(case, fn, n_sets=1)
-    w.step()  # warm-up outside the measurement (the timer's own warm-up ran on other tensors)
+    w = workload(case, fn)
+    w.step()  # warm-up, outside the measurement
     w.clear()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -56,44 +44,50 @@ def cuda_peak_bytes(case: Case, fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-# --- CPU: one fresh child per case ------------------------------------------------------------------
+def _preload() -> None:
+    """Run in the forkserver, which imports this module first: what every child needs, then out of the
+    garbage collector's reach (gc.freeze), so that a child's gc.collect() costs microseconds, not 0.3 s."""
+    setup("cpu")
+    import torch._inductor.compile_fx  # noqa: F401  (3-4 s to import: once here, not in each child)
+    import torch._inductor.select_algorithm  # noqa: F401
+    from torch._inductor import codecache, cpu_vec_isa
 
-_context = None
+    try:  # per-process caches of every compilation: torch's source hash, the system key, the vector ISA
+        codecache.torch_key(), codecache.CacheBase.get_system(), cpu_vec_isa.pick_vec_isa()
+    except Exception:  # a private API moved: the children pay for it
+        pass
+    try:  # tqdm's lock (taken while torch.fx compiles), made in a child, would be reported as leaked
+        __import__("tqdm").tqdm.get_lock()
+    except ImportError:
+        pass
+    gc.freeze()
 
 
-def _forkserver():
-    global _context
-    if _context is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["benchmarks._preload"])
-        saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
-        os.environ.update(_MALLOC_ENV)  # read by glibc once, when the forkserver starts
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
-        _context = ctx
-    return _context
+if os.environ.get("FASTPATCHDIV_BENCH_FORKSERVER") == "1":
+    _preload()
 
 
 def start_cpu_children() -> None:
-    """Start the forkserver and wait until its imports are done (~10 s of CPU), so they overlap no timing."""
-    child = _forkserver().Process(target=gc.collect)
+    """Start the forkserver (glibc reads ``_CHILD_ENV`` at its start) and wait for its imports (~10 s of
+    CPU), so that they overlap no timing."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["benchmarks.memory"])
+        saved = os.environ.copy()
+        os.environ.update(_CHILD_ENV)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    child = _context.Process(target=gc.collect)
     child.start()
     child.join()
 
 
-def _maxrss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False where that is not possible."""
+    """The RSS high-water mark back to the current RSS (Linux >= 4.0); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -103,25 +97,17 @@ def _reset_peak_rss() -> bool:
 
 
 def _child(case: Case, conn) -> None:
-    quiet()
     try:
-        compile_in_process()
-        fn = loss_fn(case.op, case.provider)
-        resettable = _reset_peak_rss()  # else a warm-up would set the high-water mark: measure the first step
-        if resettable:
-            warm = workload(warmup_case(case), fn, n_sets=1)
-            warm.step()  # lazy initialisation, torch.compile's compilation
-            del warm
-        w = workload(case, fn, n_sets=1)
+        fn = Providers().loss_fn(case)
+        if resettable := _reset_peak_rss():  # else a warm-up would set the mark: measure the first step
+            workload(warmup_case(case), fn).step()
+        w = workload(case, fn)
         gc.collect()
-        note = ""
-        if resettable:
-            _reset_peak_rss()
-        else:
-            note = "first step measured (no /proc/self/clear_refs): includes one-time allocations"
-        base = _maxrss_bytes()
+        _reset_peak_rss()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         w.step()
-        conn.send(("ok", _maxrss_bytes() - base, note))
+        note = "" if resettable else "first step measured (no /proc/self/clear_refs): includes one-time allocations"
+        conn.send(("ok", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, note))
     except BaseException as e:  # report everything: the parent decides what it means
         conn.send(("oom" if is_oom(e) else "error", None, first_line(e)))
     finally:
@@ -129,10 +115,11 @@ def _child(case: Case, conn) -> None:
 
 
 def cpu_peak_bytes(case: Case, timeout_s: float) -> tuple[str, int | None, str]:
-    """(status, peak RSS growth in bytes, note) of one step of ``case`` in a fresh child process."""
-    ctx = _forkserver()
-    recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(case, send), daemon=True)
+    """(status, peak RSS growth in bytes, note) of one step of ``case`` in a fresh child process (Linux)."""
+    if _context is None:
+        start_cpu_children()
+    recv, send = _context.Pipe(duplex=False)
+    child = _context.Process(target=_child, args=(case, send), daemon=True)
     child.start()
     send.close()
     try:

@@ -6,8 +6,6 @@ One rule for indices in every kernel: the image index is widened to int64 where 
 safe on the host. 2-D tiles of int64 offsets cost registers: the fp32 cosine backward spilled with them.
 """
 
-from __future__ import annotations
-
 import functools
 
 import torch

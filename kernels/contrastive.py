@@ -24,8 +24,6 @@ floor: an image with no real patch still has finite statistics (its loss is drop
 tokens of masked patches arrive zeroed, so they add nothing to any gradient.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -16,8 +16,6 @@ without a mask),
 Work: forward N²·D/2 multiply-adds per image, backward 2·N²·D (recompute S, then sign(S) X̂).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -64,7 +64,10 @@ def compile_for_cuda(fn, signature: dict, constexprs: dict, arch: int, num_warps
     from triton.compiler import ASTSource
 
     full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=full, constexprs=constexprs)
+    try:
+        src = ASTSource(fn=fn, signature=full, constexprs=constexprs)
+    except TypeError as exc:  # triton < 3.2 (torch 2.4's 3.0) names and types these arguments differently
+        pytest.skip(f"triton {triton.__version__}: its ahead-of-time API differs ({exc}); compile with triton >= 3.2")
     try:
         return triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}

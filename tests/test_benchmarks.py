@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,10 @@ REQUIRED_KEYS = {
     "git_commit",
     "date",
 }
-PROVIDERS = {"fastpatchdiv", "torch", "torch.compile"}
+PROVIDERS = {"fastpatchdiv", "torch", "torch.compile", "inf-cl"}  # keops compiles with g++: left out of --quick
 OPS = {"cosine", "contrastive-mean", "contrastive-window", "contrastive-all"}
-METRICS = {"time", "memory", "throughput", "roofline"}
-STATUSES = {"ok", "oom", "skipped", "error"}
+METRICS = {"time", "memory", "throughput", "roofline"}  # every case; a peer's first formula adds "compile"
+STATUSES = {"ok", "oom", "skipped", "error", "n/a"}
 
 
 def _check_records(records: list[dict]) -> None:
@@ -56,7 +57,7 @@ def _check_records(records: list[dict]) -> None:
     for r in records:
         if r["op"] in OPS:
             metrics.setdefault((r["op"], r["provider"], r["mode"], r["dtype"], r["N"], r["D"]), set()).add(r["metric"])
-    incomplete = {k: v for k, v in metrics.items() if v != METRICS}
+    incomplete = {k: v for k, v in metrics.items() if not METRICS <= v <= METRICS | {"compile"}}
     assert not incomplete, f"cases without all four metrics: {incomplete}"
 
 
@@ -84,6 +85,9 @@ def test_quick_run_writes_every_artefact(tmp_path):
         if r["status"] == "error"
     ]
     assert not errors, "cases that raised:\n" + "\n".join(errors)
+    if records[0]["device"] == "cpu":  # Inf-CL's rows say why they are empty
+        infcl = {r["note"] for r in cases if r["provider"] == "inf-cl"}
+        assert infcl == {"CUDA only"}, infcl
     md = (tmp_path / "results.md").read_text()
     assert all(f"## {op} " in md for op in OPS), md[:2000]
     assert list(tmp_path.glob("*.png")), "no plots"
@@ -93,59 +97,102 @@ def test_quick_run_writes_every_artefact(tmp_path):
 
 def _record(**kw) -> dict:
     base = dict.fromkeys(REQUIRED_KEYS, "x")
-    base.update(
-        op="cosine",
-        mode="forward",
-        dtype="fp32",
-        B=4,
-        D=32,
-        tokens=64,
-        samples=None,
-        device="cpu",
-        device_name="test cpu",
-        note="",
-        backend="torch",
-    )
+    base.update(op="cosine", mode="full", dtype="fp32", B=4, D=32, tokens=64, samples=None, device="cpu")
+    base.update(device_name="test cpu", note="", backend="torch", date="2026-01-01")
     base.update(kw)
     return base
 
 
-def test_report_renders_failed_cases(tmp_path):
-    """OOM and skipped cases appear in the table with their reason; the report needs no GPU nor a sweep."""
+def _case_records(provider, n, time_ms, status="ok", note="", roofline=0.5) -> list[dict]:
+    values = (("time", "ms", time_ms), ("memory", "MiB", 2.0), ("throughput", "TFLOP/s", 0.1))
+    values += (("roofline", "fraction", roofline),)
+    out = []
+    for metric, unit, v in values:
+        triple = dict(median=v, p20=0.9 * v, p80=1.1 * v) if status == "ok" else dict(median=None, p20=None, p80=None)
+        out.append(_record(provider=provider, N=n, metric=metric, unit=unit, status=status, note=note, **triple))
+    return out
+
+
+def test_report_renders_failed_cases_peers_and_anomalies(tmp_path):
+    """OOM, skipped and "CUDA only" cases appear with their reason, a fraction of peak above 100% is flagged
+    with its note, and the peers sit beside the baselines; the report needs no GPU nor a sweep."""
     from benchmarks import report
 
     records = []
     for n in (16, 64):
-        for provider, time_ms in (("fastpatchdiv", 1.0), ("torch", 4.0), ("torch.compile", None)):
-            ok = time_ms is not None and not (provider == "torch" and n == 64)
-            status, note = (
-                ("ok", "")
-                if ok
-                else (("oom", "out of memory: cap 8 GiB") if provider == "torch" else ("skipped", "no compiler"))
-            )
-            for metric, unit, value in (
-                ("time", "ms", time_ms),
-                ("memory", "MiB", 2.0),
-                ("throughput", "TFLOP/s", 0.1),
-                ("roofline", "fraction", 0.5),
-            ):
-                v = (value, 0.9 * value, 1.1 * value) if ok else (None, None, None)
-                records.append(
-                    _record(
-                        provider=provider,
-                        N=n,
-                        metric=metric,
-                        unit=unit,
-                        median=v[0],
-                        p20=v[1],
-                        p80=v[2],
-                        status=status,
-                        note=note,
-                    )
-                )
+        records += _case_records("fastpatchdiv", n, 1.0)
+        records += (
+            _case_records("torch", n, 4.0)
+            if n == 16
+            else _case_records("torch", n, 0, "oom", "out of memory: cap 8 GiB")
+        )
+        records += _case_records("torch.compile", n, 0, "skipped", "torch.compile is unavailable here")
+        records += _case_records("keops", n, 8.0, roofline=1.5)
+        records += _case_records("inf-cl", n, 0, "skipped", "CUDA only")
     _check_records(records)
     paths = report.write_all(records, tmp_path, {"command": "test", "tokens": 64})
-    md = (tmp_path / "results.md").read_text()
-    assert "OOM*" in md and "out of memory: cap 8 GiB" in md and "no compiler" in md
-    assert "| 16 | 4 | 1 (0.9–1.1) | 4 (3.6–4.4) | skip* | 4× |" in md, md
+    md, summary = (tmp_path / "results.md").read_text(), (tmp_path / "summary.md").read_text()
+    assert "OOM*" in md and "out of memory: cap 8 GiB" in md and "torch.compile is unavailable here" in md
+    assert "| 16 | 4 | 1 (0.9–1.1) | 4 (3.6–4.4) | skip* | 8 (7.2–8.8) | CUDA only* | 4× |  | 8× |  |" in md, md
+    assert "150%⚠" in md and report.FLAG_NOTE in md
+    assert (
+        "| cosine | 16 | 4 | 1 | 4 | skip* | 8 | CUDA only* | 4× |  | 8× |  | 2 / 2 / skip* / 2 / CUDA only* | 50% |"
+        in summary
+    )
+    assert summary in md and "keops" in summary and "\\* inf-cl, cosine N=16, 64: CUDA only" in summary
     assert all(p.exists() for p in paths) and len([p for p in paths if p.suffix == ".png"]) == 3
+
+
+class _Wrong:
+    """A peer form that is off by a factor of 2: the value check must stop it before it is timed."""
+
+    def __call__(self, x):
+        from fastpatchdiv.reference import cosine_loss_reference
+
+        return 2 * cosine_loss_reference(x).mean()
+
+
+def test_a_peer_that_disagrees_is_reported_not_timed(monkeypatch):
+    from benchmarks import cases, providers, runner
+
+    monkeypatch.setitem(providers.PEER_FORMS, ("keops", "cosine"), _Wrong())
+    monkeypatch.setattr(runner, "unavailable", lambda case: None)  # as if pykeops were installed
+    sweep = cases.Sweep("cpu", measure_memory=False)
+    run = runner.Runner(sweep, runner.environment("cpu"))
+    records = run.run(cases.Case("cosine", "keops", "full", "fp32", 2, 16, 8, "cpu"))
+    assert {r["metric"] for r in records} >= {"time", "memory", "throughput"}, records
+    for r in records:
+        if r["metric"] != "compile":
+            assert r["status"] == "error" and r["median"] is None, r
+            assert "disagrees with the float64 reference" in r["note"] and "loss" in r["note"], r["note"]
+
+
+@pytest.mark.slow
+def test_keops_provider_on_a_tiny_case():
+    """KeOps' forms pass the value check and are timed (compiled with g++ on first use, then cached on disk)."""
+    pytest.importorskip("pykeops", reason='pykeops is not installed (pip install -e ".[peers]")')
+    from benchmarks import cases, runner
+
+    sweep = cases.Sweep("cpu", measure_memory=False, cpu_budget_s=0.01)
+    run = runner.Runner(sweep, runner.environment("cpu"))
+    for op in ("cosine", "contrastive-all"):
+        records = run.run(cases.Case(op, "keops", "full", "fp32", 2, 64, 32, "cpu"))
+        time_record = next(r for r in records if r["metric"] == "time")
+        assert time_record["status"] == "ok", time_record
+        assert any(r["metric"] == "compile" for r in records), records
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_entry_point_runs_the_cli_cases():
+    """``pytest benchmarks/`` (the contract's pytest-benchmark entry) collects the CLI's quick cases and runs them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_speed.py"]
+        + ["--benchmark-disable", "-k", "full and 64 and (cosine or all) and not keops"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTPATCHDIV_BENCH_DEVICE": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "6 passed" in proc.stdout and "1 skipped" in proc.stdout, proc.stdout[-1000:]  # inf-cl: CUDA only
