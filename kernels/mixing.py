@@ -12,8 +12,6 @@ factors (1/n_b, grad_output) are applied by the caller on the D-wide side, so fp
 p/n_b (which underflows fp16 at a few thousand patches).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
