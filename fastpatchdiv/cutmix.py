@@ -136,7 +136,7 @@ def cutmix_patches(
 
     grid_h, grid_w = H // ph, W // pw
     partner = torch.randperm(B, generator=gen, device=gen.device).to(images.device)
-    boxes = len(range(B)) if per_image else 1
+    boxes = B if per_image else 1
     keep = torch.zeros(boxes, grid_h, grid_w, dtype=torch.bool)
     for i, lam in enumerate(_sample_beta(alpha, boxes, gen)):
         top, left, height, width = _box(lam, grid_h, grid_w, gen)

@@ -1,34 +1,47 @@
 """Patch mixing loss of Gong et al. (2021), "Vision Transformers with Patch Diversification": a shared linear
 head classifies every patch token as the image its pixels came from (after CutMix, ``fastpatchdiv.cutmix``).
 
-- ``mode="patch"`` (the paper): per image, the mean over its patches of CE(W·h_i + b, y_i). Computed as a
-  fused linear cross-entropy: the B·N rows are walked in chunks whose (rows x C) logits are about the size
-  of the tokens; each chunk's logits come from one matmul, one pass (the Triton kernel of
-  ``kernels/mixing.py``, or the same steps in torch) turns them into row losses and overwrites them with
-  the logit gradient, and dH = G W, dW += Gᵀ H, db += Σ G follow. The full (B·N, C) logits never exist.
+- ``mode="patch"`` (the paper): per image, the mean over its patches of CE(W·h_i + b, y_i). A fused linear
+  cross-entropy: the B·N rows are walked in chunks whose (rows x C) logits are about the size of the
+  tokens; each chunk's logits come from one matmul, one pass (the Triton kernel of
+  ``fastpatchdiv.kernels.mixing``, or the same steps in torch) turns them into row losses and overwrites
+  them with the logit gradient, and dH = G W, dW += Gᵀ H, db += Σ G follow. The full (B·N, C) logits never
+  exist. Two library ops (``fastpatchdiv::mixing_forward`` / ``_backward``) keep it opaque to
+  ``torch.compile``, and ``PatchMixingFunction`` carries autograd.
 - ``mode="region"`` (the official code): per image and region (patches that share a label), the mean
   token goes through the head. O(B·R·D): plain torch.
+
+Shape:
+    tokens: (B, N, D) or (N, D); weight: (C, D); bias: (C,); patch_targets: (B, N) class indices or
+    (B, N, C) probabilities; mask: (B, N) bool; loss: scalar, or (B,) for ``reduction="none"``.
+
+Example:
+    >>> head = torch.nn.Linear(384, 10)
+    >>> tokens, labels = torch.randn(8, 196, 384, requires_grad=True), torch.randint(0, 10, (8, 196))
+    >>> patch_mixing_loss(tokens, head.weight, head.bias, labels, label_smoothing=0.1).backward()
 """
 
-import functools
 from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fastpatchdiv._common import (
     check_backend,
     check_mask,
     check_reduction,
+    check_tokens,
     no_autocast,
     pick_backend,
     reduce_images,
+    refuse_double_backward,
     work_dtype,
 )
 
 MODES = ("patch", "region")
+# The keyword arguments of patch_mixing_loss that PatchMixingLoss holds.
+SETTINGS = ("label_smoothing", "reduction", "ignore_index", "mode", "backend")
 
 # Rows per chunk: the chunk's logits (rows x C) are about as large as the tokens (M x D), Liger-Kernel's
 # rule, rounded down to a power of two; at least _MIN_CHUNK_ROWS so the matmuls stay efficient when C
@@ -47,11 +60,13 @@ def _chunk_rows(m: int, d: int, c: int, backend: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The fused linear cross-entropy, shared by both backends
+# mode="patch": the fused linear cross-entropy, its library ops and the autograd Function
 # ----------------------------------------------------------------------------------------------------
 
 
-def _torch_cross_entropy_rows(z, target, valid, label_smoothing: float, write_grad: bool):
+def _torch_cross_entropy_rows(
+    z: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, label_smoothing: float, write_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PyTorch twin of ``kernels.mixing.cross_entropy_rows_``: (row losses, dℓ_r/dz_r or None) of the
     chunk ``z`` (m, C), same formulas (see that module's docstring). One fused log_softmax gives
     log p = z − lse; the gradient is formed in that buffer (``z`` itself is left alone)."""
@@ -86,17 +101,15 @@ def _torch_cross_entropy_rows(z, target, valid, label_smoothing: float, write_gr
     return loss, p
 
 
-def _counted(patch_targets: torch.Tensor, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    """(B, N) bool: the patches that count (mask True and, for class indices, label != ignore_index)."""
-    b, n = patch_targets.shape[:2]
-    valid = torch.ones(b, n, dtype=torch.bool, device=patch_targets.device) if mask is None else mask
-    if not patch_targets.is_floating_point():
-        valid = valid & (patch_targets != ignore_index)
-    return valid
+def _counted(targets: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, num_classes: int) -> torch.Tensor:
+    """(B, N) bool: the patches that count (mask True and, for class indices, label != ignore_index).
 
-
-def _check_label_range(targets: torch.Tensor, valid: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Class indices outside [0, C) would read outside a logits row: refuse them (one host sync)."""
+    A counted class index outside [0, C) would read outside a logits row: refused here, inside the op or
+    the region path, because the check needs the values (one host sync)."""
+    valid = torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device) if mask is None else mask
+    if targets.is_floating_point():
+        return valid
+    valid = valid & (targets != ignore_index)
     bad = valid & ((targets < 0) | (targets >= num_classes))
     if bool(bad.any()):
         where = tuple(bad.nonzero()[0].tolist())
@@ -104,58 +117,68 @@ def _check_label_range(targets: torch.Tensor, valid: torch.Tensor, num_classes: 
             f"patch_targets must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}; "
             f"got {int(targets[where])} at {where}"
         )
+    return valid
 
 
-def _fused_linear_cross_entropy(
+def _grad_buffers(tokens: torch.Tensor, num_classes: int, need: tuple[bool, bool, bool]):
+    """dtokens (B, N, D) in the tokens' dtype (every row gets written), dweight (C, D) and dbias (C,) zeroed
+    in fp32/fp64; an empty (0,) tensor for each gradient not asked for (op outputs may not be None)."""
+    acc = work_dtype(tokens.dtype)
+    return (
+        tokens.new_empty(tokens.shape if need[0] else (0,)),
+        tokens.new_zeros((num_classes, tokens.shape[-1]) if need[1] else (0,), dtype=acc),
+        tokens.new_zeros((num_classes,) if need[2] else (0,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("fastpatchdiv::mixing_forward", mutates_args=())
+def mixing_forward_op(
     tokens: torch.Tensor,
     weight: torch.Tensor,
+    patch_targets: torch.Tensor,
     bias: torch.Tensor | None,
-    targets: torch.Tensor,
     mask: torch.Tensor | None,
+    grad: torch.Tensor | None,
     label_smoothing: float,
     ignore_index: int,
     backend: str,
-    grad_scale: torch.Tensor | None,
     need_tokens: bool,
     need_weight: bool,
     need_bias: bool,
-):
-    """Per-image losses (B,) and the gradients of Σ_b s_b · loss_b (s = ``grad_scale``, or all ones).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss (B,), dtokens, dweight, dbias): per-image losses and the gradients of Σ_b s_b·loss_b, with
+    s = ``grad`` (B,), or ones when it is None, for the gradients the ``need_*`` flags ask for.
 
-    tokens (B, N, D); weight (C, D); bias (C,) or None, all one dtype; targets (B, N) int64 or (B, N, C).
-    Returns (loss in fp32/fp64, dtokens (B·N, D) in the tokens' dtype, dweight (C, D) and dbias (C,) in
-    fp32/fp64), a gradient being None where not asked for. The logits are formed in the tokens' dtype on
-    the Triton path (16-bit on the tensor cores, as F.linear would) and in fp32/fp64 on the PyTorch path.
+    tokens (B, N, D), weight (C, D) and bias (C,) or None of one dtype; patch_targets (B, N) int64 or
+    (B, N, C) float; mask (B, N) bool; the tensors that may be None come last. dtokens comes back in the
+    tokens' dtype, the loss, dweight and dbias in fp32 (fp64 for fp64); a gradient not asked for is an
+    empty (0,) tensor. The Function's forward calls it with ``grad=None``; the backward of
+    ``uniform_grad=False`` calls it again with the per-image factors, which must reach every row before
+    the rows are summed into dweight and dbias. Logits are formed in the tokens' dtype on the Triton path
+    (16-bit on the tensor cores, as F.linear would) and in fp32/fp64 on the PyTorch path.
     """
     B, N, D = tokens.shape
     C = weight.shape[0]
     M = B * N
+    need = (need_tokens, need_weight, need_bias)
+    want = any(need)
     acc = work_dtype(tokens.dtype)
     compute = tokens.dtype if backend == "triton" else acc
-    soft = targets.is_floating_point()
-    valid = _counted(targets, mask, ignore_index)
-    if not soft:
-        _check_label_range(targets, valid, C, ignore_index)
+    soft = patch_targets.is_floating_point()
+    valid = _counted(patch_targets, mask, ignore_index, C)
     count = valid.sum(dim=1)
     inv_n = torch.where(count > 0, 1.0 / count.clamp_min(1).to(acc), torch.zeros((), dtype=acc, device=count.device))
-
-    h = tokens.reshape(M, D)
-    t = targets.reshape(M, C).contiguous() if soft else targets.reshape(M)
-    v = valid.reshape(M)
-    w = weight.to(compute)
-    b = bias.to(compute) if bias is not None else None
-    want = need_tokens or need_weight or need_bias
-    if want:
-        scale = inv_n if grad_scale is None else inv_n * grad_scale.to(acc)
-        row_scale = scale.repeat_interleave(N)
-        # One factor for every row (nothing ignored or masked): it rides on the dW GEMM as alpha and spares
-        # a (rows x D) pass a chunk. One host sync.
-        same = M > 0 and bool((row_scale == row_scale[0]).all())
-        scale0 = float(row_scale[0]) if same else None
-    row_loss = torch.empty(M, dtype=acc, device=tokens.device)
-    dtokens = torch.empty(M, D, dtype=tokens.dtype, device=tokens.device) if need_tokens else None
-    dweight = torch.zeros(C, D, dtype=acc, device=tokens.device) if need_weight else None
-    dbias = torch.zeros(C, dtype=acc, device=tokens.device) if need_bias else None
+    dtokens, dweight, dbias = _grad_buffers(tokens, C, need)
+    if want and M > 0:
+        # Each row's factor s_b/n_b is applied on the D-wide side (g stays the gradient of ℓ_r itself).
+        row_scale = (inv_n if grad is None else inv_n * grad.to(acc)).repeat_interleave(N)
+        # dW and db take the largest factor as the GEMMs' alpha and each row's factor relative to it, so a
+        # 16-bit operand never holds 1/n_b itself (below fp16's normal range from n_b ≈ 16k patches). When
+        # every row has the same factor (nothing ignored or masked, equal image factors), that is all, and
+        # a (rows x D) pass a chunk is spared. One host sync.
+        lo, hi = torch.stack(torch.aminmax(row_scale)).tolist()
+        uniform = lo == hi
+        top = lo if uniform else max(abs(lo), abs(hi))
     if backend == "triton":
         from fastpatchdiv.kernels.mixing import cross_entropy_rows_
 
@@ -165,191 +188,78 @@ def _fused_linear_cross_entropy(
     else:
         cross_entropy_rows = _torch_cross_entropy_rows
 
+    h, dt = tokens.reshape(M, D), dtokens.view(M, D) if need_tokens else None
+    t = patch_targets.reshape(M, C).contiguous() if soft else patch_targets.reshape(M)
+    v = valid.reshape(M)
+    row_loss = torch.empty(M, dtype=acc, device=tokens.device)
     step = _chunk_rows(M, D, C, backend)
-    for r0 in range(0, M, step):
-        r1 = min(r0 + step, M)
-        hc = h[r0:r1].to(compute)
-        z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
-        row_loss[r0:r1], g = cross_entropy_rows(z, t[r0:r1], v[r0:r1], label_smoothing, want)
-        del z
-        if not want:
-            continue
-        # g = dℓ_r/dz_r, unscaled: each row's factor s_r = s_b/n_b is applied on the D-wide side.
-        s = row_scale[r0:r1].unsqueeze(1)
-        factor = scale0 if scale0 is not None else s
-        if need_tokens:
-            out = dtokens[r0:r1]
-            # mm, then scale: an addmm with beta=0 into ``out`` measured 2x slower on CPU.
-            if out.dtype == compute:
-                torch.mm(g, w, out=out).mul_(factor)
-            else:
-                out.copy_(torch.mm(g, w).mul_(factor))
-        if need_weight:
-            rhs, alpha = (hc, scale0) if scale0 is not None else (torch.mul(hc, s).to(compute), 1.0)
-            if dweight.dtype == compute:
-                dweight.addmm_(g.t(), rhs, alpha=alpha)
-            else:
-                dweight.add_(torch.mm(g.t(), rhs), alpha=alpha)
-        if need_bias:
-            # Σ_r s_r g_r as a GEMV: a column sum of g measured 30x slower on CPU.
-            if dbias.dtype == compute:
-                dbias.addmv_(g.t(), s.squeeze(1))
-            else:
-                dbias += torch.mv(g.t(), s.squeeze(1).to(compute))
-        del g
+    with no_autocast(tokens.device.type):
+        w = weight.to(compute)
+        b = bias.to(compute) if bias is not None else None
+        for r0 in range(0, M, step):
+            rows = slice(r0, min(r0 + step, M))
+            hc = h[rows].to(compute)
+            z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
+            row_loss[rows], g = cross_entropy_rows(z, t[rows], v[rows], label_smoothing, want)
+            del z
+            if not want:
+                continue
+            s = row_scale[rows].unsqueeze(1)
+            if need_tokens:
+                # mm, then scale: an addmm with beta=0 into the output was 2x slower on CPU.
+                if dt.dtype == compute:
+                    torch.mm(g, w, out=dt[rows]).mul_(top if uniform else s)
+                else:
+                    dt[rows] = torch.mm(g, w).mul_(top if uniform else s)
+            rel = torch.ones_like(s, dtype=compute) if uniform else (s / top).to(compute)
+            if need_weight:
+                rhs = hc if uniform else hc * rel
+                if dweight.dtype == compute:
+                    dweight.addmm_(g.t(), rhs, alpha=top)
+                else:
+                    dweight.add_(torch.mm(g.t(), rhs), alpha=top)
+            if need_bias:
+                # Σ_r s_r g_r as a GEMV: a column sum of g was 30x slower on CPU.
+                dbias.add_(torch.mv(g.t(), rel.squeeze(1)), alpha=top)
+            del g
     # Rows add up in fp64 (as the other losses' tiles), so fp32 keeps its relative accuracy at any N.
     loss = (row_loss.view(B, N).sum(dim=1, dtype=torch.float64) * inv_n.double()).to(acc)
     return loss, dtokens, dweight, dbias
 
 
-# ----------------------------------------------------------------------------------------------------
-# Library ops: each of the Function's passes is one opaque node for torch.compile
-# ----------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("fastpatchdiv::mixing_forward", mutates_args=())
-def _mixing_forward_op(
-    tokens: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    patch_targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    label_smoothing: float,
-    ignore_index: int,
-    backend: str,
-    need_tokens: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss (B,), dtokens (B, N, D), dweight (C, D), dbias (C,)) for unit per-image factors; a gradient not
-    asked for comes back as an empty (0,) tensor. Loss and dweight/dbias in fp32 (fp64 for fp64)."""
-    with no_autocast(tokens.device.type):
-        loss, dt, dw, db = _fused_linear_cross_entropy(
-            tokens,
-            weight,
-            bias,
-            patch_targets,
-            mask,
-            label_smoothing,
-            ignore_index,
-            backend,
-            None,
-            need_tokens,
-            need_weight,
-            need_bias,
-        )
-    acc = work_dtype(tokens.dtype)
-    return (
-        loss,
-        dt.view(tokens.shape) if dt is not None else tokens.new_empty(0),
-        dw if dw is not None else tokens.new_empty(0, dtype=acc),
-        db if db is not None else tokens.new_empty(0, dtype=acc),
-    )
-
-
-@_mixing_forward_op.register_fake
-def _(
-    tokens,
-    weight,
-    bias,
-    patch_targets,
-    mask,
-    label_smoothing,
-    ignore_index,
-    backend,
-    need_tokens,
-    need_weight,
-    need_bias,
-):
-    acc = work_dtype(tokens.dtype)
-    c, d = weight.shape
-    return (
-        tokens.new_empty(tokens.shape[0], dtype=acc),
-        tokens.new_empty(tokens.shape) if need_tokens else tokens.new_empty(0),
-        tokens.new_empty((c, d), dtype=acc) if need_weight else tokens.new_empty(0, dtype=acc),
-        tokens.new_empty(c, dtype=acc) if need_bias else tokens.new_empty(0, dtype=acc),
-    )
+@mixing_forward_op.register_fake
+def _(tokens, weight, patch_targets, bias, mask, grad, label_smoothing, ignore_index, backend, *need):
+    return tokens.new_empty(tokens.shape[0], dtype=work_dtype(tokens.dtype)), *_grad_buffers(tokens, len(weight), need)
 
 
 @torch.library.custom_op("fastpatchdiv::mixing_backward", mutates_args=())
-def _mixing_backward_op(
-    grad_per_image: torch.Tensor,
-    tokens: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    patch_targets: torch.Tensor,
-    mask: torch.Tensor | None,
-    label_smoothing: float,
-    ignore_index: int,
-    backend: str,
-    need_tokens: bool,
-    need_weight: bool,
-    need_bias: bool,
+def mixing_backward_op(
+    grad: torch.Tensor, dtokens: torch.Tensor, dweight: torch.Tensor, dbias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of Σ_b grad_per_image[b] · loss_b by recomputing the chunks, each in its input's dtype; a
-    gradient not asked for comes back as an empty (0,) tensor. The path of reduction="none", where each
-    image's factor must reach every row before the rows are summed into dW and db."""
-    with no_autocast(tokens.device.type):
-        _, dt, dw, db = _fused_linear_cross_entropy(
-            tokens,
-            weight,
-            bias,
-            patch_targets,
-            mask,
-            label_smoothing,
-            ignore_index,
-            backend,
-            grad_per_image,
-            need_tokens,
-            need_weight,
-            need_bias,
-        )
-    return (
-        dt.view(tokens.shape) if dt is not None else tokens.new_empty(0),
-        dw.to(weight.dtype) if dw is not None else weight.new_empty(0),
-        db.to(bias.dtype) if db is not None else weight.new_empty(0),
-    )
+    """The backward of ``uniform_grad``: the forward's gradients (unit factor per image) scaled by ``grad`` (B,).
 
-
-@_mixing_backward_op.register_fake
-def _(
-    grad_per_image,
-    tokens,
-    weight,
-    bias,
-    patch_targets,
-    mask,
-    label_smoothing,
-    ignore_index,
-    backend,
-    need_tokens,
-    need_weight,
-    need_bias,
-):
-    return (
-        tokens.new_empty(tokens.shape) if need_tokens else tokens.new_empty(0),
-        weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
-        bias.new_empty(bias.shape) if need_bias else weight.new_empty(0),
-    )
-
-
-def _refuse_double_backward(backward):
-    """``once_differentiable``, with its error node attached whenever the graph of the backward is built.
-
-    once_differentiable only guards when grad_output requires grad; a loss's grad_output (ones) never does,
-    so ``create_graph=True`` would silently give gradients without a graph behind them. Under create_graph
-    the grad_output is swapped for a detached copy that requires grad, and differentiating the returned
-    gradients raises once_differentiable's error.
+    dtokens is scaled image by image, so any ``grad`` is exact for it. dweight and dbias are sums over every
+    image, so only a factor shared by all images can scale them: raise unless ``grad`` is uniform (one host
+    sync). Outputs have the shapes and dtypes of the inputs (empty stays empty).
     """
-    inner = once_differentiable(backward)
+    g = grad.to(dweight.dtype)
+    if (dweight.numel() or dbias.numel()) and not bool(torch.isclose(g, g[:1], rtol=0, atol=0, equal_nan=True).all()):
+        raise RuntimeError(
+            "PatchMixingFunction with uniform_grad=True forms dweight and dbias in the forward for one factor "
+            "shared by every image, but the per-image losses got different gradients (from "
+            f"{g.min().item():.6g} to {g.max().item():.6g}); weigh images unevenly only with uniform_grad=False "
+            "(patch_mixing_loss uses it for reduction='none')"
+        )
+    g0 = g[:1].sum()  # the shared factor, 0 when B = 0
+    scaled_tokens = (
+        (dtokens.to(g.dtype) * g.view(-1, 1, 1)).to(dtokens.dtype) if dtokens.dim() == 3 else dtokens.clone()
+    )
+    return scaled_tokens, dweight * g0, dbias * g0
 
-    @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
-        if torch.is_grad_enabled():
-            grad_outputs = tuple(g.detach().requires_grad_() for g in grad_outputs)
-        return inner(ctx, *grad_outputs)
 
-    return wrapper
+@mixing_backward_op.register_fake
+def _(grad, dtokens, dweight, dbias):
+    return tuple(torch.empty_like(x) for x in (dtokens, dweight, dbias))
 
 
 class PatchMixingFunction(torch.autograd.Function):
@@ -357,14 +267,15 @@ class PatchMixingFunction(torch.autograd.Function):
 
     ``apply(tokens (B, N, D), weight (C, D), bias (C,) or None, patch_targets, mask=None, label_smoothing=0.0,
     ignore_index=-100, backend="auto", uniform_grad=False, grad_enabled=True)``: tokens, weight and bias of
-    one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool.
-    With ``uniform_grad`` (reduction "mean"/"sum": every image's loss gets the same factor) the forward
-    also forms the gradients, for a unit factor per image, and the backward only scales them: dtokens per
-    image by grad_output[b], dweight and dbias by grad_output[0]. Only pass it when the (B,) output is
-    reduced by a plain mean or sum. Without it (reduction="none", any per-image weights) the backward
-    recomputes the chunks with each image's factor folded into its rows before they are summed into
-    dweight and dbias. ``grad_enabled`` is the caller's ``torch.is_grad_enabled()`` (forward always runs
-    without grad). Double backward is refused.
+    one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool. ``grad_enabled`` is the
+    caller's ``torch.is_grad_enabled()`` (a Function's forward always runs without grad).
+
+    With ``uniform_grad`` (for a plain mean or sum of the (B,) output) the forward also forms the
+    gradients for a unit factor per image, and the backward only scales them: dtokens image by image,
+    dweight and dbias by the one factor every image shares. A backward whose per-image gradients differ
+    raises (dweight and dbias would be wrong) unless only the tokens need a gradient. Without it (any
+    per-image weights) the backward recomputes the chunks with each image's factor folded into its rows.
+    Double backward raises.
     """
 
     @staticmethod
@@ -382,54 +293,31 @@ class PatchMixingFunction(torch.autograd.Function):
         grad_enabled=True,
     ):
         backend = pick_backend(tokens, backend)
-        need = ctx.needs_input_grad
-        ctx.need = (
-            bool(grad_enabled and need[0]),
-            bool(grad_enabled and need[1]),
-            bool(grad_enabled and bias is not None and need[2]),
-        )
+        ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         ctx.in_forward = bool(uniform_grad and any(ctx.need))
         ctx.options = (label_smoothing, ignore_index, backend)
         ctx.dtypes = (tokens.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        if ctx.in_forward:
-            loss, dt, dw, db = torch.ops.fastpatchdiv.mixing_forward(
-                tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index, backend, *ctx.need
-            )
-            ctx.save_for_backward(dt, dw, db)
-        else:
-            loss = torch.ops.fastpatchdiv.mixing_forward(
-                tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index, backend, False, False, False
-            )[0]
-            if any(ctx.need):
-                ctx.save_for_backward(tokens, weight, bias, patch_targets, mask)
+        inputs = (tokens, weight, patch_targets, bias, mask)
+        formed = ctx.need if ctx.in_forward else (False, False, False)
+        loss, *grads = torch.ops.fastpatchdiv.mixing_forward(*inputs, None, *ctx.options, *formed)
+        # The input a refused second derivative hangs on: the head's weight when it trains (alive anyway).
+        anchor = weight if ctx.need[1] else bias if ctx.need[2] else tokens
+        if any(ctx.need):
+            ctx.save_for_backward(anchor, *(grads if ctx.in_forward else inputs))
         return loss
 
     @staticmethod
-    @_refuse_double_backward
-    def backward(ctx, grad_output):
-        need_t, need_w, need_b = ctx.need
-        gt = gw = gb = None
-        if ctx.in_forward:
-            dt, dw, db = ctx.saved_tensors
-            acc = dw.dtype
-            g = grad_output.to(acc)
-            # Under uniform_grad every entry of g is the same; g[:1].sum() is that value, and 0 when B = 0.
-            g0 = g[:1].sum()
-            if need_t:
-                gt = (dt.to(acc) * g.view(-1, 1, 1)).to(ctx.dtypes[0])
-            if need_w:
-                gw = (dw * g0).to(ctx.dtypes[1])
-            if need_b:
-                gb = (db * g0).to(ctx.dtypes[2])
-        elif any(ctx.need):
-            tokens, weight, bias, patch_targets, mask = ctx.saved_tensors
-            label_smoothing, ignore_index, backend = ctx.options
-            options = (label_smoothing, ignore_index, backend, *ctx.need)
-            gt, gw, gb = torch.ops.fastpatchdiv.mixing_backward(
-                grad_output, tokens, weight, bias, patch_targets, mask, *options
-            )
-            gt, gw, gb = (x if n else None for x, n in zip((gt, gw, gb), ctx.need, strict=True))
-        return gt, gw, gb, None, None, None, None, None, None, None
+    def backward(ctx, grad):
+        if not any(ctx.need):
+            return (None,) * 10
+        anchor, *saved = ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.in_forward:
+                grads = torch.ops.fastpatchdiv.mixing_backward(grad, *saved)
+            else:
+                grads = torch.ops.fastpatchdiv.mixing_forward(*saved, grad, *ctx.options, *ctx.need)[1:]
+            grads = tuple(g.to(t) if n else None for g, t, n in zip(grads, ctx.dtypes, ctx.need, strict=True))
+        return *refuse_double_backward("patch_mixing_loss", anchor, grads), *(None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,18 +325,25 @@ class PatchMixingFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _region_loss(tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index):
-    """Per-image region losses (B,); see :func:`patch_mixing_loss`. O(B·R·D + R·C) with R regions."""
+def _region_loss(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    patch_targets: torch.Tensor,
+    valid: torch.Tensor,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Per-image region losses (B,) over the counted patches ``valid`` (B, N); see :func:`patch_mixing_loss`.
+    O(B·R·D + R·C) with R regions."""
     B, N, D = tokens.shape
     acc = work_dtype(tokens.dtype)
-    valid = _counted(patch_targets, mask, ignore_index).reshape(-1)
+    valid = valid.reshape(-1)
     soft = patch_targets.is_floating_point()
     if soft:
         rows = patch_targets.reshape(B * N, -1)
         _, label_id = torch.unique(rows, dim=0, return_inverse=True)
         num_ids = int(label_id.max()) + 1 if label_id.numel() else 1
     else:
-        _check_label_range(patch_targets, valid.view(B, N), weight.shape[0], ignore_index)
         label_id = patch_targets.reshape(-1)
         num_ids = weight.shape[0]
     image = torch.arange(B, device=tokens.device).repeat_interleave(N)
@@ -478,18 +373,28 @@ def _region_loss(tokens, weight, bias, patch_targets, mask, label_smoothing, ign
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index, mode):
-    """Shapes, dtypes and options, checked once; returns (tokens3, targets3, mask3) with a batch dim."""
-    for name, x in (("tokens", tokens), ("weight", weight), ("patch_targets", patch_targets)):
+def _check_settings(
+    label_smoothing: float, reduction: str, ignore_index: int, mode: str, backend: str
+) -> tuple[float, str, int, str, str]:
+    """The settings (``SETTINGS``, in that order) checked and as float/int, by the function and the Module."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return float(label_smoothing), reduction, int(ignore_index), mode, check_backend(backend)
+
+
+def _check_inputs(tokens, weight, bias, patch_targets, mask):
+    """Shapes, dtypes and devices; returns (tokens, targets, mask) with a batch dim, targets int64 or float."""
+    x3 = check_tokens("tokens", tokens)
+    two_dim = tokens.dim() == 2
+    for name, x in (("weight", weight), ("patch_targets", patch_targets)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not tokens.is_floating_point():
-        raise TypeError(f"tokens must have a floating dtype (float32, float16, bfloat16, float64), got {tokens.dtype}")
-    if tokens.dim() not in (2, 3):
-        raise ValueError(f"tokens must have shape (B, N, D) or (N, D), got {tokens.dim()} dims: {tuple(tokens.shape)}")
     d = tokens.shape[-1]
-    if d == 0:
-        raise ValueError(f"tokens has an empty feature dimension (D = 0): shape {tuple(tokens.shape)}")
     if not weight.is_floating_point() or weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
         raise ValueError(
             f"weight must be a floating (C, D) tensor with C >= 1 and D = {d} (the tokens' last dim); "
@@ -514,22 +419,12 @@ def _check_inputs(tokens, weight, bias, patch_targets, mask, label_smoothing, ig
         raise ValueError(f"patch_targets of class indices must have shape {lead}, got {tuple(patch_targets.shape)}")
     if patch_targets.requires_grad:
         raise ValueError("patch_targets must not require grad (the loss gives them no gradient); pass .detach()")
-    two_dim = tokens.dim() == 2
-    tokens3 = tokens.unsqueeze(0) if two_dim else tokens
-    mask3 = check_mask(mask, tokens3, two_dim)
+    mask3 = check_mask(mask, x3, two_dim)
     for name, x in (("weight", weight), ("bias", bias), ("patch_targets", patch_targets)):
         if x is not None and x.device != tokens.device:
             raise ValueError(f"{name} is on {x.device} but tokens are on {tokens.device}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     targets3 = patch_targets.unsqueeze(0) if two_dim else patch_targets
-    if not targets3.is_floating_point():
-        targets3 = targets3.long()
-    return tokens3, targets3, mask3
+    return x3, targets3 if targets3.is_floating_point() else targets3.long(), mask3
 
 
 def patch_mixing_loss(
@@ -579,7 +474,7 @@ def patch_mixing_loss(
     logits only (M·D·C) and the backward recomputes them with each image's factor (3·M·D·C).
 
     Args:
-        tokens: (B, N, D) or (N, D) patch tokens (prefix tokens removed), any strides.
+        tokens: (B, N, D) or (N, D) patch tokens (prefix tokens removed), N >= 2, any strides.
         weight: (C, D) head weight. bias: (C,) or None.
         patch_targets: (B, N) class indices (any integer dtype; ignore_index allowed) or (B, N, C) float
             probabilities (e.g. per-patch mixed labels; ignore_index does not apply, use ``mask``). They
@@ -603,11 +498,12 @@ def patch_mixing_loss(
     fp32; the PyTorch path computes in fp32 (fp64 for fp64). Gradients come back in each input's dtype.
     mode="patch" is deterministic on both paths: the same input gives the same bits, forward and
     backward (chunks run in order, each kernel row has one writer). mode="region" sums regions with
-    ``index_add``: deterministic on CPU, torch's atomics on CUDA.
+    ``index_add``: deterministic on CPU, torch's atomics on CUDA. Double backward (a gradient penalty
+    through this loss) raises in mode="patch".
 
     Raises:
         TypeError: a non-tensor input, integer tokens, bool/complex targets, a non-int ignore_index.
-        ValueError: bad shapes (tokens not 2-D/3-D, D = 0, weight not (C, D), bias not (C,), targets or
+        ValueError: bad shapes (tokens not 2-D/3-D, N < 2, D = 0, weight not (C, D), bias not (C,), targets or
             mask not matching the tokens), class indices outside [0, C) that are not ignore_index,
             label_smoothing outside [0, 1], an unknown reduction/mode/backend, inputs on different
             devices, targets that require grad.
@@ -623,33 +519,24 @@ def patch_mixing_loss(
         >>> loss = patch_mixing_loss(tokens, head.weight, head.bias, labels, label_smoothing=0.1)
         >>> loss.backward()
     """
-    tokens3, targets3, mask3 = _check_inputs(
-        tokens, weight, bias, patch_targets, mask, label_smoothing, ignore_index, mode
+    label_smoothing, reduction, ignore_index, mode, backend = _check_settings(
+        label_smoothing, reduction, ignore_index, mode, backend
     )
-    check_reduction(reduction)
+    tokens3, targets3, mask3 = _check_inputs(tokens, weight, bias, patch_targets, mask)
+    # One dtype for the op: bf16 tokens from autocast with an fp32 head run in fp32.
     dtype = torch.promote_types(tokens3.dtype, weight.dtype)
     if bias is not None:
         dtype = torch.promote_types(dtype, bias.dtype)
     tokens3, weight = tokens3.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    check_backend(backend)
     if mode == "region":  # plain torch whatever the backend
+        valid = _counted(targets3, mask3, ignore_index, weight.shape[0])
         with no_autocast(tokens3.device.type):
-            per_image = _region_loss(tokens3, weight, bias, targets3, mask3, float(label_smoothing), int(ignore_index))
-        return reduce_images(per_image, reduction)
-    chosen = pick_backend(tokens3, backend)
-    per_image = PatchMixingFunction.apply(
-        tokens3,
-        weight,
-        bias,
-        targets3,
-        mask3,
-        float(label_smoothing),
-        int(ignore_index),
-        chosen,
-        reduction != "none",
-        torch.is_grad_enabled(),
-    )
+            per_image = _region_loss(tokens3, weight, bias, targets3, valid, label_smoothing)
+    else:
+        # uniform_grad: a plain mean or sum gives every image the same factor.
+        options = (label_smoothing, ignore_index, backend, reduction != "none", torch.is_grad_enabled())
+        per_image = PatchMixingFunction.apply(tokens3, weight, bias, targets3, mask3, *options)
     return reduce_images(per_image, reduction)
 
 
@@ -686,28 +573,14 @@ class PatchMixingLoss(nn.Module):
             nn.init.zeros_(head.bias)
         elif not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.head = head
-        self.label_smoothing = label_smoothing
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
-        self.mode = mode
-        self.backend = backend
-
-    def forward(self, tokens: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor | None = None):
-        return patch_mixing_loss(
-            tokens,
-            self.head.weight,
-            self.head.bias,
-            patch_targets,
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            mask=mask,
-            mode=self.mode,
-            backend=self.backend,
+        self.label_smoothing, self.reduction, self.ignore_index, self.mode, self.backend = _check_settings(
+            label_smoothing, reduction, ignore_index, mode, backend
         )
 
+    def forward(self, tokens: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor | None = None):
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        return patch_mixing_loss(tokens, self.head.weight, self.head.bias, patch_targets, mask=mask, **settings)
+
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in SETTINGS)

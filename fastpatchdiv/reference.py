@@ -91,3 +91,52 @@ def contrastive_loss_reference(
 def _mean_real(rows: torch.Tensor, real: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
     total = torch.where(real, rows, torch.zeros_like(rows)).sum(dim=-1)
     return torch.where(nb >= 2, total / nb.clamp_min(1), torch.zeros_like(total))
+
+
+# -------------------------------------------------------------------------------------- patch mixing
+def mixing_loss_reference(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    patch_targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    mode: str = "patch",
+) -> torch.Tensor:
+    """Per-image patch mixing loss from the full (B·N, C) logits and ``F.cross_entropy``, (B, N, D) -> (B,).
+
+    ℓ_i = F.cross_entropy(W h_i + b, y_i, label_smoothing=ε) with y (B, N) class indices or (B, N, C)
+    probabilities. A patch counts where the mask is True and, for class indices, y_i != ignore_index;
+    loss_b is the mean of ℓ_i over the n_b counted patches of image b (0 when n_b = 0).
+    - "patch": as above (the paper).
+    - "region" (the official code): every token is first replaced by the mean of its region, the counted
+      patches of its image with the same target (class index, or identical probability row); the n_r
+      patches of region r then share one CE_r and loss_b = Σ_r (n_r / n_b) · CE_r.
+    """
+    if tokens.dim() == 2:
+        tokens, patch_targets = tokens.unsqueeze(0), patch_targets.unsqueeze(0)
+        mask = mask.unsqueeze(0) if mask is not None else None
+    b, n, d = tokens.shape
+    soft = patch_targets.is_floating_point()
+    counted, _ = _real(tokens, mask)
+    if not soft:
+        counted = counted & (patch_targets != ignore_index)
+    if mode == "region":
+        labels = patch_targets if soft else patch_targets.unsqueeze(-1)
+        same = (labels[:, :, None] == labels[:, None, :]).all(dim=-1) & counted[:, None, :]  # (B, N, N)
+        tokens = same.to(tokens.dtype) @ tokens / same.sum(dim=-1, keepdim=True).clamp_min(1).to(tokens.dtype)
+    elif mode != "patch":
+        raise ValueError(f"mode must be 'patch' or 'region', got {mode!r}")
+    logits = torch.nn.functional.linear(tokens.reshape(b * n, d), weight, bias)
+    target = patch_targets.reshape(b * n, -1) if soft else patch_targets.reshape(b * n)
+    rows = torch.nn.functional.cross_entropy(
+        logits, target, reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index
+    )
+    total = torch.where(counted.reshape(-1), rows, torch.zeros_like(rows)).reshape(b, n).sum(dim=1)
+    return total / counted.sum(dim=1).clamp_min(1).to(total.dtype)
+
+
+def mixing_region_loss_reference(*args, **kwargs) -> torch.Tensor:
+    """``mixing_loss_reference(..., mode="region")``, same arguments: the official code's region-pooled form."""
+    return mixing_loss_reference(*args, **kwargs, mode="region")

@@ -12,8 +12,6 @@ factors (1/n_b, grad_output) are applied by the caller on the D-wide side, so fp
 p/n_b (which underflows fp16 at a few thousand patches).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +62,8 @@ def _cross_entropy_rows_kernel(
     (M, C) probabilities with row stride ``stride_tm`` when SOFT. valid: (M,) int8, 0 = row does not
     count. loss: (M,) fp32.
     """
+    # Rows run over all B·N patches, so row·stride passes 2^31 at large batches: int64 from the program id on
+    # (kernels/_utils.py's rule widens the image index; here the row is the image-and-patch index).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < M

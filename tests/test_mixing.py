@@ -12,8 +12,8 @@ import fastpatchdiv
 import fastpatchdiv.mixing as mixing
 from fastpatchdiv import PatchMixingFunction, PatchMixingLoss, patch_mixing_loss
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.reference_mixing import mixing_loss_reference, mixing_region_loss_reference
-from tests.helpers import DEVICE, KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes
+from fastpatchdiv.reference import mixing_loss_reference, mixing_region_loss_reference
+from tests.helpers import DEVICE, KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes, rel_error
 
 # Chunks of 7 rows: B·N is never a multiple of it in the shapes below, so every run has a ragged chunk.
 SMALL_CHUNK = 7
@@ -51,7 +51,7 @@ def reference(tokens, weight, bias, targets, mask, label_smoothing, weights, mod
     leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None for t in (tokens, weight, bias)]
     tg = targets.cpu().double() if targets.is_floating_point() else targets.cpu()
     fn = mixing_loss_reference if mode == "patch" else mixing_region_loss_reference
-    loss = fn(*leaves, tg, label_smoothing, -100, mask.cpu() if mask is not None else None)
+    loss = fn(*leaves, tg, mask.cpu() if mask is not None else None, label_smoothing)
     (loss * weights.double().cpu()).sum().backward()
     return loss, [t.grad if t is not None else None for t in leaves]
 
@@ -129,6 +129,21 @@ def test_kernel_many_classes(kernel_device, small_chunks, C, dtype, soft, label_
     """C crosses several class blocks (interpreter blocks are 256 wide); a handful of rows, two chunks."""
     inputs = make_inputs(1, 9, 16, C, dtype, kernel_device, soft=soft)
     check_against_reference(inputs, "triton", label_smoothing, "none")
+
+
+@pytest.mark.kernel
+def test_kernel_small_row_factors_keep_their_digits(kernel_device, small_chunks):
+    """A row's factor s_b/n_b is below fp16's normal range from n_b ≈ 16k patches: no 16-bit operand may hold
+    it. Emulated with image factors of 1e-6 on the op, whose dweight and dbias are still fp32."""
+    tokens, weight, bias, targets, _ = make_inputs(2, 9, 16, 10, torch.float16, kernel_device, ignore=False)
+    factors = (torch.rand(2, dtype=torch.float64) + 0.5) * 1e-6
+    options = (0.0, -100, "triton", False, True, True)
+    out = torch.ops.fastpatchdiv.mixing_forward(
+        tokens, weight, targets, bias, None, factors.float().to(kernel_device), *options
+    )
+    _, ref = reference(tokens, weight, bias, targets, None, 0.0, factors)
+    assert out[2].dtype == out[3].dtype == torch.float32
+    assert rel_error(out[2], ref[1]) < 3e-3 and rel_error(out[3], ref[2]) < 3e-3
 
 
 # ------------------------------------------------------------------------------ both paths, each option
@@ -239,12 +254,35 @@ def test_mixed_dtypes_promote_and_autocast():
     assert torch.equal(under, loss.detach())  # the op body ran with autocast off, in fp32
 
 
-def test_double_backward_is_refused():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("trains", ["tokens", "head"])
+def test_double_backward_is_refused(reduction, trains):
+    """A gradient penalty through the loss raises, on both backward paths (uniform and recomputing)."""
     tokens, weight, bias, targets, _ = make_inputs(2, 5, 4, 3, torch.float64)
-    x = tokens.requires_grad_()
-    (g,) = torch.autograd.grad(patch_mixing_loss(x, weight, bias, targets), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    leaf = tokens if trains == "tokens" else weight
+    leaf.requires_grad_()
+    (g,) = torch.autograd.grad(
+        patch_mixing_loss(tokens, weight, bias, targets, reduction=reduction).sum(), leaf, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="patch_mixing_loss: double backward"):
         g.sum().backward()
+
+
+def test_uniform_grad_refuses_uneven_image_weights(backend):
+    """uniform_grad=True forms dweight/dbias for one factor per batch: unequal per-image weights must raise,
+    not give a wrong gradient; dtokens alone is exact for any weights (it is scaled image by image)."""
+    inputs = make_inputs(3, 5, 8, 6, torch.float32, DEVICE)
+    tokens, weight, bias, targets, _ = inputs
+    weights = torch.tensor([0.5, 1.0, 2.0], device=DEVICE)
+    leaves = [x.detach().clone().requires_grad_() for x in (tokens, weight, bias)]
+    per_image = PatchMixingFunction.apply(*leaves, targets, None, 0.0, -100, backend, True, True)
+    with pytest.raises(RuntimeError, match="uniform_grad=True .* different gradients"):
+        (per_image * weights).sum().backward()
+    x = tokens.detach().clone().requires_grad_()
+    per_image = PatchMixingFunction.apply(x, weight, bias, targets, None, 0.0, -100, backend, True, True)
+    (per_image * weights).sum().backward()
+    _, ref_grads = reference(tokens, weight, bias, targets, None, 0.0, weights.double())
+    assert_close(x.grad, ref_grads[0], torch.float32, "dtokens, uneven weights")
 
 
 # -------------------------------------------------------------------------------------------- region
@@ -293,6 +331,7 @@ def _bad_cases():
         ((t.long(), w, b, y), {}, TypeError, "floating dtype"),
         ((torch.randn(5), w, b, y), {}, ValueError, "got 1 dims"),
         ((torch.randn(2, 5, 0), w, b, y), {}, ValueError, "D = 0"),
+        ((torch.randn(2, 1, 4), w, b, y[:, :1]), {}, ValueError, r"N >= 2"),
         ((t, torch.randn(3, 5), b, y), {}, ValueError, r"weight must be a floating \(C, D\)"),
         ((t, w, torch.randn(4), y), {}, ValueError, r"bias must be None or a floating tensor of shape \(3,\)"),
         ((t, w, b, y[:, :4]), {}, ValueError, r"must have shape \(2, 5\)"),
@@ -327,21 +366,27 @@ def test_module_owns_its_head():
     assert crit.head.weight.grad is not None and crit.head.bias.grad is not None
     with pytest.raises(ValueError, match="in_features and num_classes"):
         PatchMixingLoss()
+    with pytest.raises(ValueError, match="backend must be one of"):  # settings are checked at construction
+        PatchMixingLoss(8, 5, backend="cuda")
+    assert "label_smoothing=0.1, reduction='mean'" in repr(crit)
 
 
 # ------------------------------------------------------------------------------- library ops, compile
 def test_opcheck_forward_and_backward_ops(backend):
     tokens, weight, bias, targets, mask = make_inputs(2, 5, 4, 3, torch.float32, DEVICE, masked=True)
     soft = torch.softmax(torch.randn(2, 5, 3, device=DEVICE), dim=-1)
-    common = (0.1, -100, backend)
+    options = (0.1, -100, backend)
     cases = ((targets, bias, (True, True, True)), (soft, None, (True, False, False)), (targets, bias, (False,) * 3))
     for tg, b, need in cases:
-        forward = torch.ops.fastpatchdiv.mixing_forward.default
-        torch.library.opcheck(forward, (tokens, weight, b, tg, mask, *common, *need))
-        torch.library.opcheck(
-            torch.ops.fastpatchdiv.mixing_backward.default,
-            (torch.rand(2), tokens, weight, b, tg, mask, *common, *need),
-        )
+        for factors in (None, torch.rand(2, device=DEVICE)):  # the forward; the backward of uniform_grad=False
+            args = (tokens, weight, tg, b, mask, factors, *options, *need)
+            torch.library.opcheck(torch.ops.fastpatchdiv.mixing_forward.default, args)
+    _, dt, dw, db = torch.ops.fastpatchdiv.mixing_forward(
+        tokens, weight, targets, bias, mask, None, *options, True, True, True
+    )
+    uniform = torch.full((2,), 0.5, device=DEVICE)
+    for formed in ((dt, dw, db), (dt.new_empty(0), dw, db), (dt, dw.new_empty(0), db.new_empty(0))):
+        torch.library.opcheck(torch.ops.fastpatchdiv.mixing_backward.default, (uniform, *formed))
 
 
 @pytest.mark.parametrize("reduction, compiler", [("mean", "inductor"), ("none", "aot_eager")])
