@@ -159,8 +159,8 @@ class _SecondOrderRefused(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError(
             f"{ctx.name}: double backward (a gradient of its gradient, e.g. a gradient penalty) is not supported: "
-            "the fused backward is not itself differentiable. negatives='mean' and 'window' of "
-            "patch_contrastive_loss are plain autograd and support it."
+            "the fused backward is not itself differentiable. Of fastpatchdiv's losses, only "
+            "patch_contrastive_loss with negatives='mean' or 'window' supports it."
         )
 
 

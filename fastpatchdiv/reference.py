@@ -1,9 +1,10 @@
-"""Naive PyTorch formulas that build the full N x N matrix.
+"""Naive PyTorch formulas that build the full N x N matrix (or the full (B·N, C) logits).
 
 They are the test oracles (called in float64) and the "torch" baseline of the benchmarks. Memory is
-O(B * N^2): do not call them at high resolution. Every function takes (B, N, D) tokens and an optional
-(B, N) bool mask of real patches, and returns the per-image loss as a (B,) tensor in the input dtype
-(0 for an image with fewer than 2 real patches); autograd gives the reference gradients.
+O(B * N^2) (O(B * N * C) for the mixing loss): do not call them at high resolution. Every function takes
+(B, N, D) tokens and an optional (B, N) bool mask of real patches, and returns the per-image loss as a
+(B,) tensor in the input dtype: 0 for an image with fewer than 2 real patches (for the mixing loss, with
+no counted patch); autograd gives the reference gradients.
 """
 
 from __future__ import annotations

@@ -31,13 +31,12 @@ from timm.models.vision_transformer_relpos import VisionTransformerRelPos  # noq
 
 import fastpatchdiv.timm as fpt  # noqa: E402
 from fastpatchdiv import cutmix_patches, patch_contrastive_loss  # noqa: E402
-from fastpatchdiv.reference import contrastive_loss_reference, cosine_loss_reference  # noqa: E402
+from fastpatchdiv.reference import (  # noqa: E402
+    contrastive_loss_reference,
+    cosine_loss_reference,
+    mixing_loss_reference,
+)
 from tests.helpers import assert_close  # noqa: E402
-
-try:  # the mixing oracle is moving into fastpatchdiv.reference
-    from fastpatchdiv.reference import mixing_loss_reference  # noqa: E402
-except ImportError:
-    from fastpatchdiv.reference_mixing import mixing_loss_reference  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 F32 = torch.float32
