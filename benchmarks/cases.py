@@ -39,11 +39,22 @@ def first_last(B, N, D, dtype, device, gen):
     return _tokens((B, N, D), dtype, device, gen, False), _tokens((B, N, D), dtype, device, gen, True)
 
 
+def _pairs(B, N, D):
+    return B * N * N * D
+
+
+def _pair_matrices(case) -> float:
+    """Peak RSS growth of the naive pairwise references on CPU, in bytes: B x N x N matrices (measured at
+    N = 1024 and 4096, rounded up), plus 2 unbatched N x N masks and index grids (contrastive-window's)."""
+    return ({"forward": 3.5, "backward": 3.0, "full": 4.5}[case.mode] * case.B + 2) * case.N**2 * 4
+
+
 @dataclass(frozen=True)
 class Op:
     """``fused(*inputs)``: fastpatchdiv's scalar loss; ``reference(*inputs)``: the naive per-image losses;
-    ``min_bytes(B, N, D, itemsize, mode)``: the traffic an O(N·D) op cannot avoid (None: an O(N²·D) op,
-    charged its ``COST``); ``check_n(N)``: why an N cannot run."""
+    ``min_bytes(B, N, D, itemsize, mode)``: the traffic an O(N·D) op cannot avoid (None: a compute-bound op,
+    charged its ``COST`` in units of ``unit(B, N, D)`` multiply-adds); ``naive_bytes(case)``: the naive
+    form's memory on CPU (what decides "oom" before a run); ``check_n(N)``: why an N cannot run."""
 
     name: str
     fused: Callable
@@ -51,6 +62,9 @@ class Op:
     make_inputs: Callable
     min_bytes: Callable | None = None
     check_n: Callable[[int], str | None] = lambda n: None
+    unit: Callable[[int, int, int], float] = _pairs
+    unit_label: str = "N²·D"
+    naive_bytes: Callable = _pair_matrices
 
 
 def _contrastive(negatives: str, **kw) -> Op:
@@ -67,6 +81,22 @@ def _pair_bytes(B, N, D, itemsize, mode):  # read A and Z; the backward reads th
     return B * N * D * itemsize * {"forward": 2, "backward": 3, "full": 5}[mode]
 
 
+CLASSES = 1000  # the mixing loss's patch head: ImageNet's classes
+
+
+def mixing_inputs(B, N, D, dtype, device, gen):
+    """Tokens, a patch head (weight (C, D) scaled by D^-1/2, zero bias; both trained) and per-patch labels."""
+    head = torch.randn((CLASSES, D), generator=gen, device=device) * D**-0.5
+    labels = torch.randint(0, CLASSES, (B, N), generator=gen, device=device)
+    bias = torch.zeros(CLASSES, device=device, dtype=dtype, requires_grad=True)
+    return _tokens((B, N, D), dtype, device, gen, True), head.to(dtype).requires_grad_(), bias, labels
+
+
+def _logits(case) -> float:
+    """The naive mixing form's (B·N, C) fp32 logits, their log-softmax and gradient."""
+    return 3 * case.B * case.N * CLASSES * 4
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
@@ -74,6 +104,15 @@ OPS: dict[str, Op] = {
         _contrastive("mean", min_bytes=_pair_bytes),
         _contrastive("window", min_bytes=_pair_bytes, check_n=_square),
         _contrastive("all"),
+        Op(
+            "mixing",
+            fastpatchdiv.patch_mixing_loss,
+            reference.mixing_loss_reference,
+            mixing_inputs,
+            unit=lambda B, N, D: B * N * D * CLASSES,
+            unit_label=f"N·D·C, C = {CLASSES}",
+            naive_bytes=_logits,
+        ),
     )
 }
 
@@ -109,6 +148,12 @@ COST: dict[tuple[str, str, str], tuple] = {
     ("contrastive-all", "torch.compile", "inductor"): (1, 1),
     ("contrastive-all", "keops", "keops"): (1, 2),  # our count of KeOps' LogSumExp gradient: one reduction over i
     ("contrastive-all", "inf-cl", "inf-cl"): (1, 4),  # dQ and dK passes each recompute S (dQ although A is detached)
+    # mixing, in units of B·N·D·C: logits H Wᵀ, then G W, Gᵀ H. With grad, fastpatchdiv forms all three in the
+    # forward, chunk by chunk ("mean" reduction), and its backward only scales them.
+    ("mixing", "fastpatchdiv", "torch"): (3, 0),
+    ("mixing", "fastpatchdiv", "triton"): (3, 0),
+    ("mixing", "torch", "eager"): (1, 2),
+    ("mixing", "torch.compile", "inductor"): (1, 2),
 }
 
 
@@ -137,7 +182,7 @@ def macs(case: Case, path: str) -> float | None:
     if (row := COST.get((case.op, case.provider, path))) is None:
         return None
     fwd, bwd = (f(case) if callable(f) else f for f in row)
-    return case.B * case.N**2 * case.D * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
+    return OPS[case.op].unit(case.B, case.N, case.D) * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
 
 
 @dataclass(frozen=True)
@@ -221,25 +266,27 @@ def precheck(case: Case, sweep: Sweep) -> tuple[str, str] | None:
         return "skipped", why
     if case.device == "cpu" and case.dtype != "fp32":
         return "skipped", f"{case.dtype} is benchmarked on CUDA only"
-    # Peak RSS growth of the references on CPU, in B x N x N matrices (measured at N = 1024 and 4096, rounded
-    # up), plus 2 unbatched N x N masks and index grids (contrastive-window's, int64, at B = 1).
-    need = ({"forward": 3.5, "backward": 3.0, "full": 4.5}[case.mode] * case.B + 2) * case.N**2 * 4
+    need = OPS[case.op].naive_bytes(case)
     if case.device == "cpu" and case.provider in NAIVE and need > sweep.mem_cap_gib * 2**30:
         return (
             "oom",
-            f"out of memory: the N x N reference needs ~{need / 2**30:.3g} GiB > {sweep.mem_cap_gib:g} GiB (not run)",
+            f"out of memory: the naive form needs ~{need / 2**30:.3g} GiB > {sweep.mem_cap_gib:g} GiB (not run)",
         )
     return None
 
 
 # The CPU time estimate: a static rule per provider does not predict the same (KeOps' CPU code runs some 500x
 # below the matmul rate; the O(N·D) ops are not linear in N). So a time is scaled from the same op, provider
-# and mode measured at the nearest work (B·N²·D for pairwise work, B·N·D otherwise).
+# and mode measured at the nearest work (the op's unit of multiply-adds, or B·N·D for an O(N·D) path).
 
 
 def work(case: Case) -> float:
-    quadratic = case.provider != "fastpatchdiv" or OPS[case.op].min_bytes is None
-    return case.B * case.N * case.D * (case.N if quadratic else 1)
+    op = OPS[case.op]
+    return (
+        op.unit(case.B, case.N, case.D)
+        if case.provider != "fastpatchdiv" or op.min_bytes is None
+        else case.B * case.N * case.D
+    )
 
 
 def remember(history: dict, case: Case, seconds: float) -> None:

@@ -191,7 +191,9 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
         providers = _ordered([r["provider"] for r in mine], PROVIDERS)
         others, batch = [p for p in providers if p != "fastpatchdiv"], {r["N"]: str(r["B"]) for r in mine}
         unit, bound = (
-            ("TFLOP/s", "compute-bound, O(N²·D)") if OPS[op].min_bytes is None else ("GB/s", "memory-bound, O(N·D)")
+            ("TFLOP/s", f"compute-bound, O({OPS[op].unit_label})")
+            if OPS[op].min_bytes is None
+            else ("GB/s", "memory-bound, O(N·D)")
         )
         lines += [f"## {op} · {dtype} · D={d} ({bound})", ""]
         for mode in _ordered([r["mode"] for r in mine], list(MODES)):

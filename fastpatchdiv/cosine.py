@@ -48,7 +48,7 @@ def _tile_size(batch: int, n: int) -> int:
     t = 128
     while t < 1024 and batch * (2 * t) ** 2 <= _TILE_ELEMENTS:
         t *= 2
-    return min(t, n)
+    return -(-n // -(-n // t))  # as many tiles, of equal width: no thin last tile
 
 
 def _torch_forward(

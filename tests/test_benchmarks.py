@@ -39,7 +39,7 @@ REQUIRED_KEYS = {
     "date",
 }
 PROVIDERS = {"fastpatchdiv", "torch", "torch.compile", "inf-cl"}  # keops compiles with g++: left out of --quick
-OPS = {"cosine", "contrastive-mean", "contrastive-window", "contrastive-all"}
+OPS = {"cosine", "contrastive-mean", "contrastive-window", "contrastive-all", "mixing"}
 METRICS = {"time", "memory", "throughput", "roofline"}  # every case; a peer's first formula adds "compile"
 STATUSES = {"ok", "oom", "skipped", "error", "n/a"}
 
