@@ -51,6 +51,8 @@ NEGATIVES = ("mean", "window", "all")
 # a strip stays under this many elements (16 MiB in fp32; t shrinks as N grows, never N x N). Tests
 # shrink it to exercise the strips.
 _TORCH_TILE_ELEMS = 1 << 22
+# Below this P_ii, −log P_ii is no longer exact in fp32 (subnormals): those rows take the log-sum-exp.
+_MIN_POSITIVE_P = 1e-30
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,10 +69,11 @@ def _torch_all(
     dA_I = (P − I) Z and dZ += (P − I)ᵀ A_I. Forward and backward together cost what autograd of the
     naive formula costs (N²·D, plus N²·D for each gradient), with O(t·N) scratch instead of N x N.
     The strip is held transposed, (B, N, t) = Z A_Iᵀ: with t small and N large, both GEMMs then run
-    on contiguous operands. Strips are visited in order, so
-    the result is deterministic. Masked columns get the dtype's lowest value (finite, so an image
-    without real patches stays finite); masked tokens arrive zeroed and add nothing to the gradients.
-    One fused log_softmax per strip gives both the row losses (−log P_ii) and, exponentiated, P.
+    on contiguous operands. Strips are visited in order, so the result is deterministic. Masked columns
+    get the dtype's lowest value (finite, so an image without real patches stays finite); masked tokens
+    arrive zeroed and add nothing to the gradients.
+    One fused softmax per strip gives P and the row losses −log P_ii (the log-sum-exp for rows whose
+    P_ii is too small for that).
     """
     B, N, _ = a.shape
     t = max(1, min(N, _TORCH_TILE_ELEMS // max(1, B * N)))
@@ -86,12 +89,19 @@ def _torch_all(
         s = torch.baddbmm(z.new_empty(()).expand(B, N, i1 - i0), z, ai.transpose(1, 2), beta=0, alpha=1 / temperature)
         if dropped is not None:
             s.masked_fill_(dropped, torch.finfo(s.dtype).min)
-        p = torch.log_softmax(s, dim=1)  # log P = S − lse, in one fused pass over the strip
-        del s
+        p = torch.softmax(s, dim=1)  # one fused pass over the strip
         diagonal = p.diagonal(offset=-i0, dim1=1, dim2=2)
-        row_loss[:, i0:i1] = -diagonal  # ℓ_i = lse_i − S_ii, exact however small P_ii is
+        loss = -torch.log(diagonal)  # ℓ_i = lse_i − S_ii = −log P_ii ...
+        # ... exact while P_ii is a normal float; rows whose positive lost by more (ℓ > ~69) take the lse.
+        lost = diagonal < _MIN_POSITIVE_P
+        if mask is not None:
+            lost &= mask[:, i0:i1]  # a padded row's P_ii is 0 by design, and its loss is dropped
+        if lost.any():
+            exact = torch.logsumexp(s, dim=1) - s.diagonal(offset=-i0, dim1=1, dim2=2)
+            loss = torch.where(lost, exact, loss)
+        del s
+        row_loss[:, i0:i1] = loss
         if need_a or need_z:
-            p.exp_()
             diagonal.sub_(1.0)
             if need_a:
                 da[:, i0:i1] = torch.bmm(p.transpose(1, 2), z)
