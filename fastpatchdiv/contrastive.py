@@ -80,7 +80,7 @@ def _torch_all(
     t = -(-N // -(-N // t))  # as many strips, of equal width: no thin last strip
     row_loss = torch.empty((B, N), dtype=a.dtype, device=a.device)
     da = torch.empty_like(a) if need_a else None
-    dz = torch.zeros_like(z) if need_z else None
+    dz = torch.empty_like(z) if need_z else None  # the first strip writes it, the others add
     dropped = None if mask is None else ~mask.unsqueeze(-1)  # (B, N, 1): column j of every strip
     for i0 in range(0, N, t):
         i1 = min(i0 + t, N)
@@ -106,7 +106,7 @@ def _torch_all(
             if need_a:
                 da[:, i0:i1] = torch.bmm(p.transpose(1, 2), z)
             if need_z:
-                dz.baddbmm_(p, ai)
+                dz.baddbmm_(p, ai, beta=1.0 if i0 else 0.0)
     return row_loss, da, dz
 
 

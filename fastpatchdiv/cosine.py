@@ -69,7 +69,8 @@ def _torch_forward(
     t = _tile_size(B, N)
     starts = range(0, N, t)
     blocks = [xhat[:, i0 : i0 + t] for i0 in starts]
-    g = [torch.zeros_like(blk) for blk in blocks] if need_grad else None
+    g = [torch.empty_like(blk) for blk in blocks] if need_grad else None
+    written = [False] * len(blocks)  # a block's first GEMM writes it (beta = 0), later ones add
     total = torch.zeros(B, dtype=torch.float64, device=x.device)
     for i, xi in enumerate(blocks):
         for j in range(i, len(blocks)):
@@ -83,9 +84,9 @@ def _torch_forward(
             total += (1 if i == j else 2) * rows.sum(dim=1, dtype=torch.float64)
             if need_grad:
                 sgn = s.sign_()
-                g[i].baddbmm_(sgn, xj)
-                if i != j:
-                    g[j].baddbmm_(sgn.transpose(1, 2), xi)
+                for k, lhs, rhs in ((i, sgn, xj), (j, sgn.transpose(1, 2), xi))[: 1 if i == j else 2]:
+                    g[k].baddbmm_(lhs, rhs, beta=1.0 if written[k] else 0.0)
+                    written[k] = True
     c = pair_scale(mask, B, N, x.device)
     loss = (total * c).to(xhat.dtype)
     if not need_grad:
