@@ -28,6 +28,12 @@ def setup(device: str) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
     os.environ.update(PYKEOPS_VERBOSE="0", KEOPS_VERBOSE="0")  # read when pykeops is imported
+    import torch._functorch.config
+
+    # The backward mode times loss.backward(retain_graph=True) on one compiled graph per shape; donated
+    # buffers (torch >= 2.6) refuse a retained graph.
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     if device == "cpu":
         import torch._inductor.config
 

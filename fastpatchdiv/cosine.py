@@ -60,7 +60,7 @@ def _torch_forward(
     also adds sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²·D more). Done serially, both
     updates are deterministic without atomics, and the backward is left with an O(N·D) scale. G lives
     in one contiguous buffer per row block: a batched GEMM into a strided slice of a (B, N, D) tensor
-    runs image by image on CPU, several times slower.
+    runs image by image on CPU.
     """
     B, N, _ = x.shape
     xhat, norm = normalize_rows(x.to(work_dtype(x.dtype)))

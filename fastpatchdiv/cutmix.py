@@ -4,6 +4,15 @@ The official code of Gong et al. 2021 (``two_mix`` in ``deit/engine.py`` of Chen
 draws λ ~ Beta(1, 1), a box of about λ·N patches on the patch grid with a random aspect ratio and position,
 and a permutation of the batch: inside the box each image keeps its own patches, outside it takes its
 partner's, and the image label becomes λ·y + (1 − λ)·y_partner with λ the box's actual share.
+
+Shape:
+    images: (B, C, H, W) with H, W multiples of the patch size; targets: (B,) class indices. Returns the
+    mixed images (B, C, H, W), per-patch labels (B, N) with N = (H/p)·(W/p) in row-major grid order,
+    and soft image targets (B, num_classes).
+
+Example:
+    >>> mixed, patch_labels, soft = cutmix_patches(images, labels, 16, num_classes=1000)
+    >>> loss = F.cross_entropy(model(mixed), soft) + patch_mixing_loss(tokens, W, b, patch_labels)
 """
 
 from __future__ import annotations
@@ -143,8 +152,8 @@ def cutmix_patches(
         keep[i, top : top + height, left : left + width] = True
     keep = keep.to(images.device).expand(B, grid_h, grid_w)
 
-    # The patch mask blown up to pixels, (B, 1, H, W). 4-D tensors and plain indexing throughout: on CPU,
-    # indexing a 6-D patch view and index_select were each >10x slower than a copy (torch 2.14).
+    # The patch mask blown up to pixels, (B, 1, H, W), and one where(): plain 4-D tensors, because indexing
+    # a 6-D patch view or index_select takes slow gather paths on CPU.
     pixels = keep[:, None, :, None, :, None].expand(B, 1, grid_h, ph, grid_w, pw).reshape(B, 1, H, W)
     mixed = torch.where(pixels, images, images[partner])
     own, other = targets.long(), targets.long()[partner]

@@ -16,6 +16,14 @@ prints a table (layer, mean |cos|, std over images) per model or checkpoint and 
 
 Needs timm, matplotlib and tqdm (``pip install "fastpatchdiv[probe]"``); scikit-learn only for the
 default images.
+
+Shape:
+    images: (B, 3, H, W), normalised for the model (or a list of (3, H, W) of varying sizes); the result
+    is (L, B): one mean |cos| per block and image, each from that block's (N, D) patch tokens.
+
+Example:
+    >>> from fastpatchdiv.probe import layer_similarity
+    >>> layer_similarity(model, images).mean(dim=1)  # the curve of the paper's Fig. 1
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Patch diversification in an existing timm training loop, without editing the model.
 
-    import fastpatchdiv.timm
+Example:
+    >>> import fastpatchdiv.timm
+    >>> div = fastpatchdiv.timm.attach(model, cosine_weight=1.0, contrastive_weight=0.5)
+    >>> logits = model(images)                          # the trainer's own forward, unchanged
+    >>> loss = criterion(logits, targets) + div.loss()  # weighted diversity losses of that forward
 
-    div = fastpatchdiv.timm.attach(model, cosine_weight=1.0, contrastive_weight=0.5)
-    logits = model(images)                          # the trainer's own forward, unchanged
-    loss = criterion(logits, targets) + div.loss()  # weighted diversity losses of that forward
+Shape:
+    Whatever the model takes; the hooked tokens are (B, N, D) (a (B, H, W, D) patch embedding is
+    flattened), with N = the patch grid (N_b real patches per image for NaFlexVit's padded batches).
 
 :func:`attach` puts forward hooks on the model's patch embedding and final norm (or a chosen block) that
 keep references to the tokens of each ``model(...)`` call; :meth:`PatchDiversity.loss` feeds them to
