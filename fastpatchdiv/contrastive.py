@@ -258,7 +258,8 @@ def _local_terms(a, z, mask, temperature, grid, window):
     """The logits of ℓ_i = lse(0, neg_i − pos_i[, loc_i − pos_i]) as (B, N, 2 or 3), and N_b as (B, 1).
 
     a_i·m_i = (a_i·Σ_j z_j − a_i·z_i)/(N_b − 1) and a_i·w_i = (k²·a_i·box_i − a_i·z_i)/(k² − 1): matrix-
-    vector products, no (B, N, D) temporary. Masked tokens are zero, so Σ_j runs over the real ones."""
+    vector products and row dot products, O(N·D) work and no N x N. Masked tokens are zero, so Σ_j runs
+    over the real ones."""
     B, N, _ = a.shape
     nb = valid_counts(mask, B, N, a.device).to(a.dtype).unsqueeze(-1)
     az = torch.linalg.vecdot(a, z)
