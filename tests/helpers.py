@@ -7,6 +7,11 @@ tokens to their dtype before the matmul units, hence the looser rows.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 from fastpatchdiv import patch_contrastive_loss, patch_cosine_loss
@@ -206,3 +211,28 @@ def contrastive_grads(first, last, **kw):
     z = last.detach().clone().requires_grad_()
     patch_contrastive_loss(f, z, detach_first=False, temperature=0.2, **kw).backward()
     return f.grad, z.grad
+
+
+def peak_rss_growth(setup: str, warmup: str, call: str) -> int:
+    """Bytes by which a fresh CPU process's peak RSS grows during ``call`` (Python source, like the others).
+
+    ``setup`` builds the inputs (``torch`` and ``fastpatchdiv`` are imported, the seed is 0); ``warmup``
+    runs the same op on a small slice first, so the allocator and the BLAS threads are already up and
+    only the big call's own memory counts. Runs without the interpreter: this measures the PyTorch path.
+    """
+    script = "\n".join(
+        [
+            "import resource, torch, fastpatchdiv",
+            "torch.manual_seed(0)",
+            textwrap.dedent(setup),
+            textwrap.dedent(warmup),
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+            textwrap.dedent(call),
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+            "print((after - before) * 1024)",  # ru_maxrss is in KiB on Linux
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().splitlines()[-1])

@@ -7,11 +7,6 @@ TRITON_INTERPRET=1, where every program instance costs milliseconds: shapes stay
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -25,6 +20,7 @@ from tests.helpers import (
     contrastive_grads,
     contrastive_tokens,
     huge_logit_tokens,
+    peak_rss_growth,
     ptxas_spill_bytes,
 )
 
@@ -254,30 +250,24 @@ def test_triton_backend_without_kernels_raises():
 @pytest.mark.slow
 def test_torch_path_memory_is_linear():
     """N = 16384, D = 64: a dense N x N fp32 matrix would be 1 GiB; the tiles stay far below that."""
-    script = textwrap.dedent(
-        """
-        import resource, torch
-        from fastpatchdiv.contrastive import patch_contrastive_loss
-        torch.manual_seed(0)
-        n, d = 16384, 64
-        first = torch.randn(1, n, d)
-        last = torch.randn(1, n, d, requires_grad=True)
-        # Warm up allocator and BLAS threads on a small problem so only the big call's growth counts.
-        patch_contrastive_loss(first[:, :256], last[:, :256], negatives="all", backend="torch").backward()
-        last.grad = None
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss = patch_contrastive_loss(first, last, negatives="all", temperature=0.2, normalize=True, backend="torch")
-        loss.backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        assert torch.isfinite(loss) and torch.isfinite(last.grad).all()
-        print((after - before) * 1024)
-        """
+    grown = peak_rss_growth(
+        setup="""
+            first = torch.randn(1, 16384, 64)
+            last = torch.randn(1, 16384, 64, requires_grad=True)
+            """,
+        warmup="""
+            small = first[:, :256], last[:, :256]
+            fastpatchdiv.patch_contrastive_loss(*small, negatives="all", backend="torch").backward()
+            last.grad = None
+            """,
+        call="""
+            loss = fastpatchdiv.patch_contrastive_loss(
+                first, last, negatives="all", temperature=0.2, normalize=True, backend="torch"
+            )
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(last.grad).all()
+            """,
     )
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 256 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB for N = 16384 (dense would be 1024 MiB)"
 
 

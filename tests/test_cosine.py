@@ -1,9 +1,5 @@
 """patch_cosine_loss against the float64 N x N oracle: values, gradients, options, bad input, memory."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import triton
@@ -24,6 +20,7 @@ from tests.helpers import (
     compile_for_cuda,
     cosine_oracle,
     cosine_tokens,
+    peak_rss_growth,
     ptxas_spill_bytes,
 )
 
@@ -225,44 +222,19 @@ def test_float64_routes_to_torch_path():
 
 
 # ---------------------------------------------------------------------------------------------- memory
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import resource, sys, torch, fastpatchdiv
-    torch.manual_seed(0)
-    n, d = int(sys.argv[1]), int(sys.argv[2])
-    x = torch.randn(1, n, d, requires_grad=True)
-    fastpatchdiv.patch_cosine_loss(x[:, :64], backend="torch").backward()  # warm up allocator and BLAS
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    fastpatchdiv.patch_cosine_loss(x, backend="torch").backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(after - before)
-    """
-)
-
-
 @pytest.mark.slow
 def test_torch_path_memory_is_not_n_squared():
-    n, d = 16384, 64
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(d)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"TRITON_INTERPRET": "0", **_env()},
+    n = 16384
+    growth = peak_rss_growth(
+        setup=f"x = torch.randn(1, {n}, 64, requires_grad=True)",
+        warmup='fastpatchdiv.patch_cosine_loss(x[:, :64], backend="torch").backward()',
+        call='fastpatchdiv.patch_cosine_loss(x, backend="torch").backward()',
     )
-    assert out.returncode == 0, out.stderr
-    growth = int(out.stdout.strip().splitlines()[-1])
     one_nxn = n * n * 4  # 1 GiB
     # Tokens, x̂, the gradient and a few 1024 x 1024 tiles: tens of MiB.
     assert growth < one_nxn / 8, (
         f"peak RSS grew by {growth / 2**20:.0f} MiB, an N x N fp32 is {one_nxn / 2**20:.0f} MiB"
     )
-
-
-def _env():
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory accounting needs a GPU")

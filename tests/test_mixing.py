@@ -1,10 +1,5 @@
 """patch_mixing_loss against the float64 full-logits oracle: values, gradients, options, bad input, ops, memory."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -13,7 +8,15 @@ import fastpatchdiv.mixing as mixing
 from fastpatchdiv import PatchMixingFunction, PatchMixingLoss, patch_mixing_loss
 from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.reference import mixing_loss_reference, mixing_region_loss_reference
-from tests.helpers import DEVICE, KERNEL_DTYPES, assert_close, compile_for_cuda, ptxas_spill_bytes, rel_error
+from tests.helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    assert_close,
+    compile_for_cuda,
+    peak_rss_growth,
+    ptxas_spill_bytes,
+    rel_error,
+)
 
 # Chunks of 7 rows: B·N is never a multiple of it in the shapes below, so every run has a ragged chunk.
 SMALL_CHUNK = 7
@@ -415,32 +418,28 @@ def test_compile_fullgraph_matches_eager(backend, reduction, compiler):
 @pytest.mark.slow
 def test_torch_path_memory_is_far_below_the_logits():
     """B·N = 65536, D = 192, C = 1000: the full fp32 logits alone would be 250 MiB (500 with their grad)."""
-    script = textwrap.dedent(
-        """
-        import resource, torch
-        from fastpatchdiv import patch_mixing_loss
-        torch.manual_seed(0)
-        m, d, c = 65536, 192, 1000
-        tokens = torch.randn(1, m, d, requires_grad=True)
-        head = torch.nn.Linear(d, c)
-        targets = torch.randint(0, c, (1, m))
-        # Warm up allocator and BLAS threads on a small problem so only the big call's growth counts.
-        patch_mixing_loss(tokens[:, :4096], head.weight, head.bias, targets[:, :4096], backend="torch").backward()
-        tokens.grad = None
-        head.zero_grad()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss = patch_mixing_loss(tokens, head.weight, head.bias, targets, label_smoothing=0.1, backend="torch")
-        loss.backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        assert torch.isfinite(loss) and torch.isfinite(tokens.grad).all()
-        print((after - before) * 1024)
-        """
+    grown = peak_rss_growth(
+        setup="""
+            m, d, c = 65536, 192, 1000
+            tokens = torch.randn(1, m, d, requires_grad=True)
+            head = torch.nn.Linear(d, c)
+            targets = torch.randint(0, c, (1, m))
+            """,
+        warmup="""
+            fastpatchdiv.patch_mixing_loss(
+                tokens[:, :4096], head.weight, head.bias, targets[:, :4096], backend="torch"
+            ).backward()
+            tokens.grad = None
+            head.zero_grad()
+            """,
+        call="""
+            loss = fastpatchdiv.patch_mixing_loss(
+                tokens, head.weight, head.bias, targets, label_smoothing=0.1, backend="torch"
+            )
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(tokens.grad).all()
+            """,
     )
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    grown = int(out.stdout.strip().splitlines()[-1])
     logits = 65536 * 1000 * 4
     # What must exist: dtokens (48 MiB) held for the backward and the backward's scaled copy (48 MiB), plus
     # one 4096 x 1000 chunk and its softmax temporaries.
