@@ -147,6 +147,10 @@ def contrastive_all_forward_op(
             from fastpatchdiv.kernels.contrastive import contrastive_all_forward
 
             lse2, row_loss = contrastive_all_forward(a, z, mask, temperature)
+            if mask is not None:
+                # An image without real patches has lse ~ MASKED_LOGIT: +inf makes its P exactly 0 in the
+                # backward (like padded rows) instead of 2^(0 − MASKED_LOGIT) = inf times zeroed tokens.
+                lse2 = lse2.masked_fill(~mask.any(dim=1, keepdim=True), float("inf"))
             return _image_mean(row_loss, mask).to(work), lse2, a.new_empty((0,), dtype=torch.float32)
         row_loss, da, dz = _torch_all(a, z, mask, temperature, need_a, need_z)
         # Outputs may not alias one another: a fresh empty tensor for each gradient not asked for.
@@ -194,6 +198,11 @@ def contrastive_all_backward_op(
             coef = coef.to(a.dtype if a.dtype == torch.float64 else torch.float32).view(-1, 1, 1)
             da = (r0 * coef).to(a.dtype) if need_a else None
             dz = (r1 * coef).to(z.dtype) if need_z else None
+        if mask is not None:
+            # A masked row's loss is dropped, so its token's gradient is 0; the paths leave that row of dA
+            # (and, in an image without real patches, more) holding the dropped loss's gradient or NaN.
+            dropped = ~mask.unsqueeze(-1)
+            da, dz = (g.masked_fill_(dropped, 0.0) if g is not None else None for g in (da, dz))
         return tuple(g if g is not None else a.new_empty((0,)) for g in (da, dz))
 
 

@@ -54,11 +54,15 @@ def _normalize_kernel(
     row_ok = rows < N
     x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
     out_rows = xhat_ptr + b * N * D + rows[:, None] * D
+    keep = row_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + b * N + rows, mask=row_ok, other=0) != 0)
 
+    # Rows the mask drops are never read (padding may hold NaN or 1e30): as zeros they get |x| = 0, x̂ = 0.
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols[None, :] < D)
+        mask = keep[:, None] & (cols[None, :] < D)
         v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
     # A zero row keeps scale 1 (its norm is 0 either way); a NaN reaches the sum of squares below.
@@ -66,25 +70,21 @@ def _normalize_kernel(
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols[None, :] < D)
+        mask = keep[:, None] & (cols[None, :] < D)
         v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32) / scale[:, None]
         sumsq += tl.sum(v * v, axis=1)
     n = tl.sqrt_rn(sumsq)
     norm = n * scale  # +inf only if the true norm is past fp32's range; x̂ stays exact
     big = norm >= EPS
     n = tl.where(big, n, 1.0)  # the branch of the where() below that clamped rows drop: no 0/0
-    keep = row_ok
-    if HAS_MASK:
-        keep = keep & (tl.load(mask_ptr + b * N + rows, mask=row_ok, other=0) != 0)
-    tl.store(norm_ptr + b * N + rows, tl.where(keep, norm, 0.0), mask=row_ok)
+    tl.store(norm_ptr + b * N + rows, norm, mask=row_ok)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols[None, :] < D)
-        v = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_rows + cols[None, :] * stride_xd, mask=keep[:, None] & (cols[None, :] < D), other=0.0)
+        v = v.to(tl.float32)
         # Divide (not multiply by a reciprocal) by the scale: 1/scale can be subnormal and flush to 0.
         xh = tl.where(big[:, None], (v / scale[:, None]) / n[:, None], v / EPS)
-        xh = tl.where(keep[:, None], xh, 0.0)
-        tl.store(out_rows + cols[None, :], xh.to(xhat_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + cols[None, :], xh.to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
 
 
 @triton.jit
