@@ -76,6 +76,11 @@ def check_backend(backend: str) -> str:
 
 
 def check_temperature(temperature: float) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError(
+            f"temperature must be a Python number, got {temperature!r}: a tensor temperature (learnable τ) is "
+            "not supported, the ops take τ as a constant (pass float(t) for a fixed one)"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
     tau = float(temperature)

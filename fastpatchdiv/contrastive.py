@@ -420,6 +420,11 @@ def patch_contrastive_loss(
     where the positive's probability is below about 1e-8 (there the official loss saturates near 18.4
     and its gradient vanishes; ours keeps growing linearly).
 
+    Scale: with raw tokens and τ = 1 (the paper's and the official code's setting) the logits are plain dot
+    products. In a freshly initialised ViT each last-layer token is still aligned with its own patch
+    embedding (the residual stream), so pos_i leads by tens of logits and the loss is 0 until the patches
+    over-smooth; ``normalize=True`` makes the logits cosines within ±1/τ and the loss active from the start.
+
     Args:
         first: first-layer patch tokens (the patch-embedding output), (B, N, D) or (N, D) (one image);
             float32/float16/bfloat16/float64.

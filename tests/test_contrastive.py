@@ -197,6 +197,7 @@ BAD_INPUTS = [
     pytest.param(_bad(temperature=float("inf")), ValueError, "temperature", id="temperature-inf"),
     pytest.param(_bad(temperature=float("nan")), ValueError, "temperature", id="temperature-nan"),
     pytest.param(_bad(temperature="0.1"), TypeError, "temperature", id="temperature-str"),
+    pytest.param(_bad(temperature=torch.tensor(0.5)), TypeError, "a tensor temperature", id="temperature-tensor"),
     pytest.param(_bad(negatives="hard"), ValueError, "negatives", id="negatives"),
     pytest.param(_bad(reduction="max"), ValueError, "reduction", id="reduction"),
     pytest.param(_bad(backend="cuda"), ValueError, "backend", id="backend"),
