@@ -147,10 +147,6 @@ def contrastive_all_forward_op(
             from fastpatchdiv.kernels.contrastive import contrastive_all_forward
 
             lse2, row_loss = contrastive_all_forward(a, z, mask, temperature)
-            if mask is not None:
-                # An image without real patches has lse ~ MASKED_LOGIT: +inf makes its P exactly 0 in the
-                # backward (like padded rows) instead of 2^(0 − MASKED_LOGIT) = inf times zeroed tokens.
-                lse2 = lse2.masked_fill(~mask.any(dim=1, keepdim=True), float("inf"))
             return _image_mean(row_loss, mask).to(work), lse2, a.new_empty((0,), dtype=torch.float32)
         row_loss, da, dz = _torch_all(a, z, mask, temperature, need_a, need_z)
         # Outputs may not alias one another: a fresh empty tensor for each gradient not asked for.
@@ -215,11 +211,11 @@ class PatchContrastiveFunction(torch.autograd.Function):
     """``PatchContrastiveFunction.apply(first, last, mask=None, temperature=1.0, backend="auto",
     grad_enabled=True)`` -> per-image InfoNCE losses (B,) over all patches (``negatives="all"``).
 
-    first and last are (B, N, D) of one dtype; mask is (B, N) bool or None, with the masked tokens
-    already zeroed. Kernel path: saves only the row log-sum-exp and recomputes P tile by tile in the
-    backward. PyTorch path: when a backward can follow (``grad_enabled``, the caller's
-    ``torch.is_grad_enabled()``), the forward's strips also form the gradients and the backward only
-    scales them. Inputs are not checked here: use :func:`patch_contrastive_loss`. Double backward raises.
+    first and last are (B, N, D) of one dtype; mask is (B, N) bool or None, with the masked tokens already
+    zeroed (they get exactly zero gradient). Kernel path: saves only the row log-sum-exp and recomputes P
+    tile by tile in the backward. PyTorch path: when a backward can follow (``grad_enabled``, the caller's
+    ``torch.is_grad_enabled()``), the forward's strips also form the gradients and the backward only scales
+    them. Inputs are not checked here: use :func:`patch_contrastive_loss`. Double backward raises.
     """
 
     @staticmethod

@@ -56,11 +56,11 @@ def _torch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-image losses and, when ``need_grad``, d loss_b / dx (in fp32/fp64) from the same tiles.
 
-    S is symmetric, so only tiles J >= I are formed (N²·D/2 multiply-adds); with ``need_grad`` each tile
-    also adds sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²·D more). Done serially, both
-    updates are deterministic without atomics, and the backward is left with an O(N·D) scale. G lives
-    in one contiguous buffer per row block: a batched GEMM into a strided slice of a (B, N, D) tensor
-    runs image by image on CPU.
+    S is symmetric, so only tiles J >= I are formed (N²·D/2 multiply-adds, the diagonal tiles whole: all of
+    N²·D when one tile holds the image); with ``need_grad`` each tile also adds sign(S_IJ) X̂_J into G_I and
+    sign(S_IJ)ᵀ X̂_I into G_J (N²·D more). Done serially, both updates are deterministic without atomics,
+    and the backward is left with an O(N·D) scale. G lives in one contiguous buffer per row block: a batched
+    GEMM into a strided slice of a (B, N, D) tensor runs image by image on CPU.
     """
     B, N, _ = x.shape
     xhat, norm = normalize_rows(x.to(work_dtype(x.dtype)))
@@ -215,8 +215,8 @@ def patch_cosine_loss(
     Patch Diversification", eq. 2). Memory is O(B·N·D): the N x N similarity matrix is never stored,
     only tiles of it. The Triton path's forward visits only the tiles J >= I of the symmetric matrix
     (N²·D/2 multiply-adds per image) and its backward recomputes them (2·N²·D). The PyTorch path, when
-    x requires grad, forms the gradient from the same symmetric tiles during the forward (1.5·N²·D in
-    all) and its backward only scales it.
+    x requires grad, forms the gradient from the same tiles during the forward (2·N²·D in all when one
+    dense tile holds the image, B·N² <= 4M; down to 1.5·N²·D as N grows) and its backward only scales it.
 
     Args:
         x: (B, N, D) or (N, D) patch tokens, float32, float16, bfloat16 or float64, any strides
@@ -232,13 +232,14 @@ def patch_cosine_loss(
         The loss in float32 (float64 for float64 input): a scalar, or (B,) with reduction="none". An empty
         batch (B = 0) gives a (0,) tensor, whose "mean" is NaN as in torch.
 
-    Numerics: fp32 accumulation everywhere (fp64 across tiles), also under ``torch.autocast`` (the ops
-    run with autocast off). Norms are taken of x / max|x|, so tokens of any finite magnitude work. float32
-    inputs follow ``torch.get_float32_matmul_precision()``: exact fp32 products under "highest" (torch's
-    default), TF32 on the tensor cores only when you allowed it. fp16/bf16 inputs are normalised in fp32
-    and multiplied in their own dtype on the tensor cores. Deterministic: the same input gives the same
-    bits, forward and backward, in any process. A NaN in an image makes that image's loss NaN; other
-    images are unaffected. Double backward (e.g. a gradient penalty through this loss) raises.
+    Numerics: fp32 accumulation everywhere (fp64 across tiles), also under ``torch.autocast`` (the ops run
+    with autocast off). Norms never overflow (taken of x / max|x| in the kernels, and on the PyTorch path
+    where the plain norm overflowed), so tokens of any finite magnitude work. float32 inputs follow
+    ``torch.get_float32_matmul_precision()``: exact fp32 products under "highest" (torch's default), TF32 on
+    the tensor cores only when you allowed it. fp16/bf16 inputs are normalised in fp32 and multiplied in
+    their own dtype on the tensor cores. Deterministic: the same input gives the same bits, forward and
+    backward, in any process. A NaN in an image makes that image's loss NaN; other images are unaffected.
+    Double backward (e.g. a gradient penalty through this loss) raises.
 
     Raises:
         TypeError: x is not a tensor, or not of a floating dtype; mask not a bool tensor.

@@ -260,7 +260,8 @@ def contrastive_all_forward(
     """Launch the forward kernel on (B, N, D) tokens of one dtype (any strides); mask (B, N) bool or None.
 
     Returns (lse2, row_loss), both (B, N) float32: lse2 is the row log-sum-exp in log2 units (what the
-    backward needs), row_loss the per-patch loss ℓ_i in natural units (masked rows hold garbage).
+    backward needs; +inf in an image without real patches), row_loss the per-patch loss ℓ_i in natural
+    units (masked rows hold garbage).
     """
     B, N, D = a.shape
     check_image_offsets(a, z)
@@ -273,6 +274,10 @@ def contrastive_all_forward(
     _contrastive_all_fwd_kernel[(triton.cdiv(N, blk.block_m), B)](
         a, z, mask_arg, lse2, loss, N, D, *a.stride(), *z.stride(), LOG2E / temperature, **tiles, **options
     )
+    if mask is not None:
+        # Such an image's lse is ~MASKED_LOGIT: +inf makes its P exactly 0 in the backward, as for padded
+        # rows, instead of 2^(0 − MASKED_LOGIT) = inf times its zeroed tokens.
+        lse2.masked_fill_(~mask.any(dim=1, keepdim=True), float("inf"))
     return lse2, loss
 
 
