@@ -38,8 +38,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("fastpatchdiv.timm hooks into timm vision transformers and needs timm: pip install timm") from exc
 
-from fastpatchdiv._common import BACKENDS, check_reduction
-from fastpatchdiv.contrastive import NEGATIVES, patch_contrastive_loss
+from fastpatchdiv._common import check_flag, work_dtype
+from fastpatchdiv.contrastive import check_settings, patch_contrastive_loss
 from fastpatchdiv.cosine import patch_cosine_loss
 from fastpatchdiv.mixing import PatchMixingLoss
 
@@ -97,12 +97,6 @@ def _check_weight(name: str, value) -> float:
     return float(value)
 
 
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 class _Recorder:
     """The hooks, as bound methods, and the tokens of the model's latest recorded forward.
 
@@ -113,13 +107,13 @@ class _Recorder:
     this recorder (``__deepcopy__`` returns it), which ignores every call made by the copy.
     """
 
-    def __init__(self, root: nn.Module, num_prefix_tokens: int, in_eval: bool, keep_first: bool):
+    def __init__(self, root: nn.Module, num_prefix_tokens: int, in_eval: bool, keep_first: bool, last_name: str):
         self.root = root
         self.num_prefix_tokens = num_prefix_tokens
         self.in_eval = in_eval
         self.keep_first = keep_first
         self.problem = ""
-        self.last_name = "model.norm"
+        self.last_name = last_name
         self.stack: list[bool] = []  # one entry per root call in flight: is it being recorded
         self.pending: dict | None = None
         self.latest: dict | None = None
@@ -294,7 +288,6 @@ class PatchDiversity(nn.Module):
 
     def _take(self) -> dict:
         rec = self._recorder
-        self._check_not_removed()
         if rec.status == "fresh":
             latest, rec.latest, rec.status = rec.latest, None, "consumed"
             return latest
@@ -385,8 +378,7 @@ class PatchDiversity(nn.Module):
         keep = rec.get("keep")
         if mask is not None and keep is not None:
             mask = mask.gather(1, keep)
-        mask_kw = {} if mask is None else {"mask": mask}
-        common = {"reduction": opt["reduction"], "backend": opt["backend"], **mask_kw}
+        common = {"reduction": opt["reduction"], "backend": opt["backend"], "mask": mask}
 
         grid = None
         if opt["contrastive_weight"] > 0 and opt["negatives"] == "window":
@@ -394,45 +386,43 @@ class PatchDiversity(nn.Module):
 
         parts: dict[str, torch.Tensor] = {}
         total = None
-        # The losses run their own fp32 accumulation; autocast would re-cast their inner matmuls.
-        with torch.autocast(last.device.type, enabled=False):
-            if opt["cosine_weight"] > 0:
-                parts["cosine"] = patch_cosine_loss(last, **common)
-                total = opt["cosine_weight"] * parts["cosine"]
-            if opt["contrastive_weight"] > 0:
-                self._check_unchanged(rec, "first")
-                first = rec["first"]
-                if keep is not None:
-                    first = first.gather(1, keep.unsqueeze(-1).expand(-1, -1, first.shape[-1]))
-                # Under autocast first may be bf16/fp16 and last fp32: the loss promotes them to the wider one.
-                parts["contrastive"] = patch_contrastive_loss(
-                    first,
-                    last,
-                    temperature=opt["temperature"],
-                    normalize=opt["normalize"],
-                    negatives=opt["negatives"],
-                    detach_first=opt["detach_first"],
-                    grid=grid,
-                    window=opt["window"],
-                    **common,
+        # Each loss runs with autocast off itself (fp32 accumulation, an fp32 loss).
+        if opt["cosine_weight"] > 0:
+            parts["cosine"] = patch_cosine_loss(last, **common)
+            total = opt["cosine_weight"] * parts["cosine"]
+        if opt["contrastive_weight"] > 0:
+            self._check_unchanged(rec, "first")
+            first = rec["first"]
+            if keep is not None:
+                first = first.gather(1, keep.unsqueeze(-1).expand(-1, -1, first.shape[-1]))
+            # Under autocast first may be bf16/fp16 and last fp32: the loss promotes them to the wider one.
+            parts["contrastive"] = patch_contrastive_loss(
+                first,
+                last,
+                temperature=opt["temperature"],
+                normalize=opt["normalize"],
+                negatives=opt["negatives"],
+                detach_first=opt["detach_first"],
+                grid=grid,
+                window=opt["window"],
+                **common,
+            )
+            term = opt["contrastive_weight"] * parts["contrastive"]
+            total = term if total is None else total + term
+        if opt["mixing_weight"] > 0:
+            targets = self._targets_for(rec, patch_targets, keep, last)
+            head = self.mixing.head
+            if head.weight.device != last.device:
+                raise RuntimeError(
+                    f"the patch head is on {head.weight.device} but the model's tokens are on {last.device}: "
+                    f"move it with div.to({str(last.device)!r}) (attach() creates it where the model is then)"
                 )
-                term = opt["contrastive_weight"] * parts["contrastive"]
-                total = term if total is None else total + term
-            if opt["mixing_weight"] > 0:
-                targets = self._targets_for(rec, patch_targets, keep, last)
-                head = self.mixing.head
-                if head.weight.device != last.device:
-                    raise RuntimeError(
-                        f"the patch head is on {head.weight.device} but the model's tokens are on {last.device}: "
-                        f"move it with div.to({str(last.device)!r}) (attach() creates it where the model is then)"
-                    )
-                parts["mixing"] = self.mixing(last, targets, mask)
-                term = opt["mixing_weight"] * parts["mixing"]
-                total = term if total is None else total + term
+            parts["mixing"] = self.mixing(last, targets, mask)
+            term = opt["mixing_weight"] * parts["mixing"]
+            total = term if total is None else total + term
         if total is None:  # every weight is 0: a zero of the right shape, no losses computed
             shape = (last.shape[0],) if opt["reduction"] == "none" else ()
-            work = torch.float64 if last.dtype == torch.float64 else torch.float32
-            total = torch.zeros(shape, dtype=work, device=last.device)
+            total = torch.zeros(shape, dtype=work_dtype(last.dtype), device=last.device)
         self._parts = {k: v.detach() for k, v in parts.items()}
         return total
 
@@ -544,7 +534,7 @@ def attach(
       last block's output), or ``model.blocks[last_block]``'s output; in both cases
       ``model.num_prefix_tokens`` leading class/register/distillation tokens are dropped (a view).
 
-    and ``div.loss()`` returns, in float32,
+    and ``div.loss()`` returns, in float32 (float64 for a float64 model),
 
         cosine_weight · patch_cosine_loss(last) + contrastive_weight · patch_contrastive_loss(first, last)
 
@@ -575,7 +565,7 @@ def attach(
     - Gradient checkpointing (``model.set_grad_checkpointing()``): calls during the backward's
       recomputation are ignored, so gradients equal those without checkpointing.
     - Under ``torch.autocast`` the tokens keep the dtypes autocast gave them and the losses run with
-      autocast off: the loss is float32.
+      autocast off: the loss is float32 (float64 for a float64 model).
     - A weight of 0 skips that loss (it is neither computed nor listed by ``losses()``); with both weights
       0, ``loss()`` returns zeros (no graph) and still needs a fresh forward, so one training loop can run
       the baseline and the regularised model.
@@ -638,20 +628,9 @@ def attach(
     cosine_weight = _check_weight("cosine_weight", cosine_weight)
     contrastive_weight = _check_weight("contrastive_weight", contrastive_weight)
     mixing_weight = _check_weight("mixing_weight", mixing_weight)
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 3 or window % 2 == 0:
-        raise ValueError(f"window must be an odd int >= 3, got {window!r}")
-    check_reduction(reduction)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_flag("normalize", normalize)
-    _check_flag("detach_first", detach_first)
-    _check_flag("in_eval", in_eval)
+    # The contrastive loss's own checks (grid: each forward's own), so attach refuses what loss() would.
+    temperature, _ = check_settings(temperature, normalize, negatives, detach_first, reduction, None, window, backend)
+    check_flag("in_eval", in_eval)
 
     blocks = getattr(inner, "blocks", None)
     if last_block is not None:
@@ -680,7 +659,8 @@ def attach(
 
     naflex = family == "NaFlexVit"
     keep_first = contrastive_weight > 0
-    recorder = _Recorder(inner, int(inner.num_prefix_tokens), in_eval, keep_first)
+    last_name = "model.norm" if last_block is None else f"model.blocks[{last_block}]"
+    recorder = _Recorder(inner, int(inner.num_prefix_tokens), in_eval, keep_first, last_name)
     handles = [
         inner.register_forward_pre_hook(recorder.root_pre),
         inner.register_forward_hook(recorder.root_post, always_call=True),
@@ -695,7 +675,6 @@ def attach(
     if isinstance(patch_drop, nn.Module):
         handles.append(patch_drop.register_forward_hook(recorder.patch_drop_post))
     last_module = inner.norm if last_block is None else blocks[last_block]
-    recorder.last_name = "model.norm" if last_block is None else f"model.blocks[{last_block}]"
     handles.append(last_module.register_forward_hook(recorder.last_post))
 
     options = {
@@ -703,7 +682,7 @@ def attach(
         "contrastive_weight": contrastive_weight,
         "mixing_weight": mixing_weight,
         "negatives": negatives,
-        "temperature": float(temperature),
+        "temperature": temperature,
         "normalize": normalize,
         "window": window,
         "detach_first": detach_first,
