@@ -127,11 +127,9 @@ def cutmix_patches(
         raise ValueError(f"targets must have shape ({B},) to match the images, got {tuple(targets.shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        raise ValueError(
-            f"targets must be class indices in [0, {num_classes}), got values in "
-            f"[{int(targets.min())}, {int(targets.max())}]"
-        )
+    lo, hi = torch.stack(torch.aminmax(targets)).tolist() if targets.numel() else (0, 0)
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got values in [{lo}, {hi}]")
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, Integral) else tuple(patch_size)
     if not all(isinstance(p, Integral) and not isinstance(p, bool) and p >= 1 for p in (ph, pw)):
         raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch_size!r}")
@@ -156,7 +154,8 @@ def cutmix_patches(
     # a 6-D patch view or index_select takes slow gather paths on CPU.
     pixels = keep[:, None, :, None, :, None].expand(B, 1, grid_h, ph, grid_w, pw).reshape(B, 1, H, W)
     mixed = torch.where(pixels, images, images[partner])
-    own, other = targets.long(), targets.long()[partner]
+    own = targets.long()
+    other = own[partner]
     flat = keep.reshape(B, grid_h * grid_w)
     patch_labels = torch.where(flat, own[:, None], other[:, None])
     lam = flat.float().mean(dim=1, keepdim=True)

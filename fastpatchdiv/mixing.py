@@ -171,12 +171,13 @@ def mixing_forward_op(
     dtokens, dweight, dbias = _grad_buffers(tokens, C, need)
     if want and M > 0:
         # Each row's factor s_b/n_b is applied on the D-wide side (g stays the gradient of ℓ_r itself).
-        row_scale = (inv_n if grad is None else inv_n * grad.to(acc)).repeat_interleave(N)
+        image_scale = inv_n if grad is None else inv_n * grad.to(acc)
+        row_scale = image_scale.repeat_interleave(N)
         # dW and db take the largest factor as the GEMMs' alpha and each row's factor relative to it, so a
         # 16-bit operand never holds 1/n_b itself (below fp16's normal range from n_b ≈ 16k patches). When
         # every row has the same factor (nothing ignored or masked, equal image factors), that is all, and
         # a (rows x D) pass a chunk is spared. One host sync.
-        lo, hi = torch.stack(torch.aminmax(row_scale)).tolist()
+        lo, hi = torch.stack(torch.aminmax(image_scale)).tolist()
         uniform = lo == hi
         top = lo if uniform else max(abs(lo), abs(hi))
     if backend == "triton":
@@ -340,9 +341,9 @@ def _region_loss(
     valid = valid.reshape(-1)
     soft = patch_targets.is_floating_point()
     if soft:
-        rows = patch_targets.reshape(B * N, -1)
-        _, label_id = torch.unique(rows, dim=0, return_inverse=True)
-        num_ids = int(label_id.max()) + 1 if label_id.numel() else 1
+        # The distinct probability rows are the labels: a region's target is the row its id names.
+        labels, label_id = torch.unique(patch_targets.reshape(B * N, -1), dim=0, return_inverse=True)
+        num_ids = max(1, labels.shape[0])
     else:
         label_id = patch_targets.reshape(-1)
         num_ids = weight.shape[0]
@@ -355,13 +356,7 @@ def _region_loss(
     pooled = sums / size.unsqueeze(1)
     logits = F.linear(pooled, weight.to(acc), bias.to(acc) if bias is not None else None)
     region_image = regions // num_ids
-    if soft:
-        # The target of a region: the probability row of its first patch (all its rows are identical).
-        first = torch.full((regions.numel(),), B * N, dtype=torch.long, device=tokens.device)
-        first = first.scatter_reduce(0, region_of_row, valid.nonzero().squeeze(1), reduce="amin")
-        target = rows[first].to(acc)
-    else:
-        target = regions % num_ids
+    target = labels[regions % num_ids].to(acc) if soft else regions % num_ids
     ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
     count = torch.zeros(B, dtype=acc, device=tokens.device).index_add(0, region_image, size)
     share = size / count[region_image]
@@ -482,7 +477,7 @@ def patch_mixing_loss(
         label_smoothing: ε in [0, 1], as ``F.cross_entropy``.
         reduction: "mean" (over images, default), "sum", or "none" for (B,).
         ignore_index: class index of patches that do not count (hard labels).
-        mask: (B, N) bool, True = a real patch; False patches do not count (padding).
+        mask: (B, N) bool ((N,) for 2-D tokens), True = a real patch; False patches do not count (padding).
         mode: "patch" (default) or "region".
         backend: "auto" (default), "triton" or "torch". Auto runs the Triton kernel on CUDA tensors and on
             CPU tensors under TRITON_INTERPRET=1, the chunked PyTorch path otherwise and for float64.
@@ -494,16 +489,18 @@ def patch_mixing_loss(
     Dtypes: tokens, weight and bias are first promoted to one dtype (``torch.promote_types``): bf16
     tokens from autocast with an fp32 head run in fp32; pass a 16-bit head for the 16-bit path. The op
     runs with autocast disabled. On the Triton path 16-bit logits are formed in the input dtype on the
-    tensor cores (as ``F.linear`` gives them) and the softmax, log-sum-exp and all gradient sums run in
-    fp32; the PyTorch path computes in fp32 (fp64 for fp64). Gradients come back in each input's dtype.
+    tensor cores (as ``F.linear`` gives them), the softmax and log-sum-exp run in fp32, the logit
+    gradients G and each chunk's G·W, Gᵀ·H and Σ G are rounded to the input dtype, and dW and db add the
+    chunks up in fp32; the PyTorch path computes in fp32 (fp64 for fp64). Gradients come back in each input's dtype.
     mode="patch" is deterministic on both paths: the same input gives the same bits, forward and
     backward (chunks run in order, each kernel row has one writer). mode="region" sums regions with
     ``index_add``: deterministic on CPU, torch's atomics on CUDA. Double backward (a gradient penalty
     through this loss) raises in mode="patch".
 
     Raises:
-        TypeError: a non-tensor input, integer tokens, bool/complex targets, a non-int ignore_index.
-        ValueError: bad shapes (tokens not 2-D/3-D, N < 2, D = 0, weight not (C, D), bias not (C,), targets or
+        TypeError: non-tensor tokens, weight or patch_targets, integer tokens, bool/complex targets, a non-int
+            ignore_index.
+        ValueError: bad shapes (tokens not 2-D/3-D, N < 2, D = 0, weight not (C, D), bias not a (C,) tensor, targets or
             mask not matching the tokens), class indices outside [0, C) that are not ignore_index,
             label_smoothing outside [0, 1], an unknown reduction/mode/backend, inputs on different
             devices, targets that require grad.
