@@ -81,12 +81,19 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
-def train_one(args, seed: int, run: str, data, bar) -> dict:
-    """Train one model; the baseline and the diversity run of a seed share init, batches and schedule."""
+def train_one(
+    args, seed: int, run: str, data, total_steps: int, bar, similarity_init: list[float] | None = None
+) -> dict:
+    """Train one model; the baseline and the diversity run of a seed share init, batches and schedule.
+
+    ``similarity_init``: the seed's probe of the initial weights, when an earlier run of the seed already
+    took it (None: probe the fresh model here).
+    """
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", **MODEL)
-    similarity_init = layer_similarity(model, x_test, batch_size=512).mean(dim=1).tolist()
+    if similarity_init is None:
+        similarity_init = layer_similarity(model, x_test, batch_size=512).mean(dim=1).tolist()
     weights = (args.cosine_weight, args.contrastive_weight, args.mixing_weight) if run == "diversity" else (0, 0, 0)
     cosine_weight, contrastive_weight, mixing_weight = weights
     cutmix = args.mixing_weight > 0  # both runs of a seed see the same mixed batches
@@ -100,8 +107,6 @@ def train_one(args, seed: int, run: str, data, bar) -> dict:
         negatives=args.negatives,
     )
 
-    steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
     # div's parameters: the mixing loss's patch head (none when it is off).
     params = [*model.parameters(), *div.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -171,7 +176,7 @@ def _per_index(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     return [m for m, _ in pairs], [s for _, s in pairs]
 
 
-def summarise(records: list[dict], args, meta: dict) -> dict:
+def summarise(records: list[dict]) -> dict:
     summary = {}
     for run in RUNS:
         rs = [r for r in records if r["run"] == run]
@@ -292,14 +297,18 @@ def main(argv=None) -> dict:
     data = digits()
     x_train, y_train, x_test, _ = data
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
+    # one step count for the progress bar, every run's loop and schedule, and the report
     steps = args.max_steps or args.epochs * steps_per_epoch
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     records = []
     with tqdm(total=steps * 2 * len(args.seeds), desc="train", unit="step") as bar:
         for seed in args.seeds:
+            similarity_init = None
             for run in RUNS:
-                records.append(train_one(args, seed, run, data, bar))
+                records.append(train_one(args, seed, run, data, steps, bar, similarity_init))
+                # the seed's runs start from the same weights: probe them once, in its first run
+                similarity_init = records[-1]["similarity_init"]
     meta = {
         "train": len(y_train),
         "test": len(x_test),
@@ -313,7 +322,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
-    summary = summarise(records, args, meta)
+    summary = summarise(records)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "model": MODEL,
