@@ -22,6 +22,7 @@ MODES = ("forward", "backward", "full")
 NAIVE = ("torch", "torch.compile")  # the N x N formulas of fastpatchdiv.reference, eager and compiled
 PEERS = ("keops", "inf-cl")  # libraries that also avoid N x N memory (providers.py)
 PROVIDERS = ("fastpatchdiv", *NAIVE, *PEERS)
+MUST_RUN = ("fastpatchdiv", "torch")  # a failure of these is an error; of the others (their own limits), a skip
 
 
 def _tokens(shape, dtype, device, gen, requires_grad: bool) -> torch.Tensor:
@@ -65,6 +66,11 @@ class Op:
     unit: Callable[[int, int, int], float] = _pairs
     unit_label: str = "N²·D"
     naive_bytes: Callable = _pair_matrices
+
+    @property
+    def rate_unit(self) -> str:
+        """The throughput's unit: TFLOP/s of ``COST``'s multiply-adds, or GB/s of ``min_bytes``."""
+        return "TFLOP/s" if self.min_bytes is None else "GB/s"
 
 
 def _contrastive(negatives: str, **kw) -> Op:
@@ -121,7 +127,14 @@ OPS: dict[str, Op] = {
 # step's (grad enabled): fastpatchdiv's PyTorch path forms the gradient there from the same tiles, so its
 # backward is an O(N·D) scale: 0 here, "n/a" in the tables. Keyed by (op, provider, path), path = the
 # records' ``backend``. Update a row when a path changes (e.g. a dense path for N <= one tile).
-BLOCK_DV = 128  # kernels/contrastive.py: the dZ pass recomputes the S tiles once per BLOCK_DV columns of D
+
+
+def _dz_chunks(case: Case) -> int:
+    """The Triton contrastive backward's dZ pass recomputes the S tiles once per block_dv columns of D
+    (kernels/contrastive.py, pick_blocks; its compiled tiles, not the interpreter's)."""
+    from fastpatchdiv.kernels.contrastive import pick_blocks
+
+    return math.ceil(case.D / pick_blocks(case.D, DTYPES[case.dtype], interpreter=False).block_dv)
 
 
 def _cpu_triangle(case: Case) -> float:
@@ -143,7 +156,7 @@ COST: dict[tuple[str, str, str], tuple] = {
     # over j, recomputing x̂_i·x̂_j and summing sign·x̂_j.
     ("cosine", "keops", "keops"): (1, 2),
     ("contrastive-all", "fastpatchdiv", "torch"): (2, 0),  # S strips, and dZ = Pᵀ A from the same strips
-    ("contrastive-all", "fastpatchdiv", "triton"): (1, lambda c: 1 + math.ceil(c.D / BLOCK_DV)),  # S per D chunk
+    ("contrastive-all", "fastpatchdiv", "triton"): (1, lambda c: 1 + _dz_chunks(c)),  # S per D chunk
     ("contrastive-all", "torch", "eager"): (1, 1),  # S = A Zᵀ; autograd with A detached: dSᵀ A alone
     ("contrastive-all", "torch.compile", "inductor"): (1, 1),
     ("contrastive-all", "keops", "keops"): (1, 2),  # our count of KeOps' LogSumExp gradient: one reduction over i
@@ -200,7 +213,7 @@ class Sweep:
     d_max_n: tuple = ()  # (D, largest N it runs at); lifted by --d
     max_n: tuple = ()  # (provider, largest N it runs at, why)
     tokens: int = 65536  # every case holds B·N = tokens patch tokens (B = 1 once N > tokens)
-    cpu_budget_s: float = 0.3  # CPU timing: runner.time_cpu
+    cpu_budget_s: float = 0.3  # CPU timing: runner.time_samples
     cpu_min_reps: int = 3
     cpu_max_reps: int = 50
     long_call_s: float = 5.0
@@ -244,8 +257,10 @@ def default_sweep(device: str, kind: str = "default") -> Sweep:
 
 
 def implements(provider: str, op: str) -> bool:
-    """The peers have forms of the two pairwise losses only: KeOps both, Inf-CL InfoNCE ("all")."""
-    return {"keops": op in ("cosine", "contrastive-all"), "inf-cl": op == "contrastive-all"}.get(provider, True)
+    """A peer runs the ops it has a form of in ``providers.PEER_FORMS``; every other provider runs every op."""
+    from benchmarks.providers import PEER_FORMS  # providers imports this module
+
+    return provider not in PEERS or (provider, op) in PEER_FORMS
 
 
 def cases(sweep: Sweep) -> list[Case]:

@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     records = runner.finish(records + runner.ceilings("end of the run"))
     config = {
         "command": "python -m benchmarks " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
-        "tokens": sweep.tokens,
         "sweep": dataclasses.asdict(sweep),
         "threads": torch.get_num_threads(),
         "elapsed_s": round(time.perf_counter() - start, 1),

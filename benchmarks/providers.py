@@ -76,22 +76,23 @@ PEER_FORMS = {("keops", "cosine"): keops_cosine, ("keops", "contrastive-all"): k
 PEER_FORMS[("inf-cl", "contrastive-all")] = infcl_all
 
 
-def unavailable(case: Case) -> str | None:
-    """Why ``case.provider`` cannot run ``case`` here (not installed, device, dtype); None if it can."""
+def unavailable(case: Case) -> tuple[str, str] | None:
+    """("skipped", why) when ``case.provider`` cannot run ``case`` here (not installed, device, dtype); None if
+    it can."""
     if case.provider == "keops":
         if not importlib.util.find_spec("pykeops"):
-            return f"pykeops is not installed ({INSTALL})"
+            return "skipped", f"pykeops is not installed ({INSTALL})"
         if case.dtype != "fp32":
-            return "KeOps runs fp32 only here (it has no bfloat16; its float16 sums in half precision)"
+            return "skipped", "KeOps runs fp32 only here (it has no bfloat16; its float16 sums in half precision)"
         if case.device == "cuda" and not __import__("pykeops").config.gpu_available:
-            return "pykeops finds no CUDA toolkit here (it compiles with nvrtc)"
+            return "skipped", "pykeops finds no CUDA toolkit here (it compiles with nvrtc)"
     if case.provider == "inf-cl":
         if case.device != "cuda":
-            return "CUDA only"
+            return "skipped", "CUDA only"
         if not importlib.util.find_spec("inf_cl"):
-            return f"inf-cl is not installed ({INSTALL})"
+            return "skipped", f"inf-cl is not installed ({INSTALL})"
         if infcl_head_dim(case.D) < 16:
-            return f"Inf-CL needs a head_dim (a power of two >= 16) dividing D, got D={case.D}"
+            return "skipped", f"Inf-CL needs a head_dim (a power of two >= 16) dividing D, got D={case.D}"
     return None
 
 

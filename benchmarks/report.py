@@ -24,8 +24,9 @@ def write_all(records: list[dict], out: Path, config: dict) -> list[Path]:
     (out / "results.json").write_text(json.dumps({"config": config, "records": records}, indent=1) + "\n")
     keys = sorted({(m, r["dtype"], r["D"]) for r in _cases(records) for m in ("time", "memory", "roofline")})
     pngs = [out / f"{metric}_{dtype}_D{d}.png" for metric, dtype, d in keys]
-    (out / "results.md").write_text(markdown(records, config, [p.name for p in pngs]))
-    (out / "summary.md").write_text("\n".join(summary(records)))
+    table = summary(records)
+    (out / "results.md").write_text(markdown(records, config, [p.name for p in pngs], table))
+    (out / "summary.md").write_text("\n".join(table))
     for (metric, dtype, d), path in zip(keys, pngs, strict=True):  # last: the tables survive a plotting error
         _grid(records, metric, dtype, d, path)
     return [out / "results.json", out / "results.md", out / "summary.md", *pngs]
@@ -156,8 +157,11 @@ def summary(records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
-    env, sw, tokens = records[0] if records else {}, config.get("sweep") or {}, config.get("tokens")
+def markdown(records: list[dict], config: dict, pngs: list[str] = (), table: list[str] | None = None) -> str:
+    """results.md; ``table``: ``summary(records)`` when the caller has it."""
+    env, sw = records[0] if records else {}, config.get("sweep") or {}
+    tokens, table = sw.get("tokens"), summary(records) if table is None else table
+    compute_bound = ", ".join(op for op, o in OPS.items() if o.min_bytes is None)
     peaks = [r for r in records if r["op"].startswith("peak-")]
     lines = [
         f"# fastpatchdiv benchmarks: {env.get('device_name', '?')}",
@@ -180,21 +184,19 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = ()) -> str:
         "",
         "Time in ms as median (p20–p80). Speed-up = other's time / fastpatchdiv's; saving = other's peak memory / "
         "fastpatchdiv's (both above the inputs). Throughput counts the work each provider's path does "
-        "(benchmarks/cases.py, COST: 2·MACs for cosine and contrastive-all; minimal bytes for the O(N·D) ops), "
-        "as a % of the best ceiling above. A `*` marks a case that did not run; the reason is under its table.",
+        f"(benchmarks/cases.py, COST: 2·MACs for the compute-bound ops ({compute_bound}); minimal bytes for the "
+        "O(N·D) ops), as a % of the best ceiling above. A `*` marks a case that did not run; the reason is under "
+        "its table.",
         "",
     ]
-    lines += ["## Summary", "", *table] if (table := summary(records)) else []
+    lines += ["## Summary", "", *table] if table else []
     rows, recs = Rows(records), _cases(records)
     for op, dtype, d in sorted({(r["op"], r["dtype"], r["D"]) for r in recs}, key=lambda k: (list(OPS).index(k[0]), k)):
         mine = _cases(records, op=op, dtype=dtype, D=d)
         providers = _ordered([r["provider"] for r in mine], PROVIDERS)
         others, batch = [p for p in providers if p != "fastpatchdiv"], {r["N"]: str(r["B"]) for r in mine}
-        unit, bound = (
-            ("TFLOP/s", f"compute-bound, O({OPS[op].unit_label})")
-            if OPS[op].min_bytes is None
-            else ("GB/s", "memory-bound, O(N·D)")
-        )
+        unit = OPS[op].rate_unit
+        bound = f"compute-bound, O({OPS[op].unit_label})" if OPS[op].min_bytes is None else "memory-bound, O(N·D)"
         lines += [f"## {op} · {dtype} · D={d} ({bound})", ""]
         for mode in _ordered([r["mode"] for r in mine], list(MODES)):
             key, ns = (op, mode, dtype, d), sorted({r["N"] for r in mine if r["mode"] == mode})

@@ -39,6 +39,13 @@ def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return tuple(q.tolist())
 
 
+def rates(amount: float, stats_ms: tuple) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``amount`` per second from (median, p20, p80) ms per call: the slow call (p80)
+    gives the low rate."""
+    median, p20, p80 = stats_ms
+    return tuple(amount / t * 1e3 for t in (median, p80, p20))
+
+
 def time_samples(w: Workload, sweep: Sweep, warm: Workload | None = None) -> list[float]:
     """Milliseconds per call. CUDA: do_bench (events around each run, warm-up excluded, L2 flushed and input
     grads dropped before each). CPU: one discarded call (or ``warm``'s, a small copy), then at least
@@ -138,15 +145,14 @@ class Runner:
         for op, dtype, unit, amount, step, what in runs:
             ms = time_samples(Workload(step, []), sweep)
             best = self.best[(dtype, unit)] = max(self.best.get((dtype, unit), 0.0), amount / min(ms) * 1e3)
-            med, p20, p80 = quantiles(ms)
-            rates = tuple(amount / t * 1e3 for t in (med, p80, p20))  # the slow call gives the low rate
             note = f"{what}, {when}; best call so far {best:.3g} {unit}"
-            out.append(self._record(Case(op, "torch", "forward", dtype, 1, 0, 0, dev), "throughput", unit, rates, note))
+            case = Case(op, "torch", "forward", dtype, 1, 0, 0, dev)
+            out.append(self._record(case, "throughput", unit, rates(amount, quantiles(ms)), note))
         return out
 
     def run(self, case: Case, elapsed_s: float = 0.0) -> list[dict]:
         """The records of one case: time, memory and throughput (``finish`` adds the roofline), or why not."""
-        if verdict := cases.precheck(case, self.sweep) or (("skipped", why) if (why := unavailable(case)) else None):
+        if verdict := cases.precheck(case, self.sweep) or unavailable(case):
             return self._all(case, *verdict)
         if self.sweep.budget_s is not None and elapsed_s > self.sweep.budget_s:
             return self._all(case, "skipped", f"the run's time budget ({self.sweep.budget_s:g} s) was spent")
@@ -189,7 +195,7 @@ class Runner:
             dev = case.device == "cuda"
             cap = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB device" if dev else "CPU"
             return "oom", f"out of memory ({cap}): {first_line(e, 200)}"
-        status = "error" if case.provider in ("fastpatchdiv", "torch") else "skipped"
+        status = "error" if case.provider in cases.MUST_RUN else "skipped"
         self._log_once(f"{status}: {case.label()}: {case.provider} failed: {first_line(e)}")
         return status, f"{case.provider} failed: {first_line(e)}"
 
@@ -210,14 +216,15 @@ class Runner:
         """Work done per second: 2·MACs of the provider's path (cases.COST), or the minimal bytes of an O(N·D) op."""
         op, path = OPS[case.op], backend(case.provider, case.device, case.dtype)
         if op.min_bytes is not None:
-            amount, unit = op.min_bytes(case.B, case.N, case.D, DTYPES[case.dtype].itemsize, case.mode), "GB/s"
+            amount = op.min_bytes(case.B, case.N, case.D, DTYPES[case.dtype].itemsize, case.mode)
         else:
-            amount, unit = 2 * (cases.macs(case, path) or float("nan")), "TFLOP/s"
+            amount = 2 * (cases.macs(case, path) or float("nan"))
         if amount != amount or amount == 0:
             why = f"no cost model row for {case.provider}/{path}" if amount else "n/a, O(N·D): done in the forward"
-            return self._record(case, "throughput", unit, None, why, "n/a")
-        rate = tuple(amount / t / (1e6 if unit == "GB/s" else 1e9) for t in (stats[0], stats[2], stats[1]))
-        return self._record(case, "throughput", unit, rate, f"{'bytes' if unit == 'GB/s' else '2·MACs'} = {amount:.3g}")
+            return self._record(case, "throughput", op.rate_unit, None, why, "n/a")
+        gb = op.rate_unit == "GB/s"
+        rate = rates(amount / (1e9 if gb else 1e12), stats)
+        return self._record(case, "throughput", op.rate_unit, rate, f"{'bytes' if gb else '2·MACs'} = {amount:.3g}")
 
     def finish(self, records: list[dict]) -> list[dict]:
         """A roofline record per case: its throughput over the best ceiling of the whole run. Above 1 the cost
@@ -235,7 +242,7 @@ class Runner:
         return records + out
 
     def _all(self, case: Case, status: str, note: str) -> list[dict]:
-        units = (("time", "ms"), ("memory", "MiB"), ("throughput", "GB/s" if OPS[case.op].min_bytes else "TFLOP/s"))
+        units = (("time", "ms"), ("memory", "MiB"), ("throughput", OPS[case.op].rate_unit))
         return [self._record(case, m, u, None, note, status) for m, u in units]
 
     def _record(self, case: Case, metric, unit, values, note="", status="ok", samples=None) -> dict:

@@ -29,7 +29,7 @@ setup(DEVICE)
 def test_speed(benchmark, case: cases.Case):
     verdict = cases.precheck(case, SWEEP) or unavailable(case) or cases.too_slow(case, SWEEP, HISTORY)
     if verdict:
-        pytest.skip(verdict if isinstance(verdict, str) else verdict[1])
+        pytest.skip(verdict[1])
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     benchmark.group = f"{case.op} {case.mode} {case.dtype} N={case.N} D={case.D}"
     benchmark.extra_info.update(case.__dict__, macs=cases.macs(case, backend(case.provider, DEVICE, case.dtype)))
@@ -41,7 +41,7 @@ def test_speed(benchmark, case: cases.Case):
         rounds = SWEEP.cpu_min_reps if DEVICE == "cpu" else 20
         benchmark.pedantic(lambda: (w.step(), sync()), setup=w.clear, rounds=rounds, warmup_rounds=1)
     except Exception as e:  # as the CLI: out of memory, or a provider other than ours failing, is a skip
-        if is_oom(e) or case.provider not in ("fastpatchdiv", "torch"):
+        if is_oom(e) or case.provider not in cases.MUST_RUN:
             pytest.skip(first_line(e))
         raise
     if benchmark.stats:  # None under --benchmark-disable

@@ -130,7 +130,7 @@ def test_report_renders_failed_cases_peers_and_anomalies(tmp_path):
         records += _case_records("keops", n, 8.0, roofline=1.5)
         records += _case_records("inf-cl", n, 0, "skipped", "CUDA only")
     _check_records(records)
-    paths = report.write_all(records, tmp_path, {"command": "test", "tokens": 64})
+    paths = report.write_all(records, tmp_path, {"command": "test", "sweep": {"tokens": 64}})
     md, summary = (tmp_path / "results.md").read_text(), (tmp_path / "summary.md").read_text()
     assert "OOM*" in md and "out of memory: cap 8 GiB" in md and "torch.compile is unavailable here" in md
     assert "| 16 | 4 | 1 (0.9–1.1) | 4 (3.6–4.4) | skip* | 8 (7.2–8.8) | CUDA only* | 4× |  | 8× |  |" in md, md
