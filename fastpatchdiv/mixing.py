@@ -268,7 +268,8 @@ class PatchMixingFunction(torch.autograd.Function):
 
     ``apply(tokens (B, N, D), weight (C, D), bias (C,) or None, patch_targets, mask=None, label_smoothing=0.0,
     ignore_index=-100, backend="auto", uniform_grad=False, grad_enabled=True)``: tokens, weight and bias of
-    one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool. ``grad_enabled`` is the
+    one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool with the masked tokens
+    already zeroed (a NaN there would reach dW). ``grad_enabled`` is the
     caller's ``torch.is_grad_enabled()`` (a Function's forward always runs without grad).
 
     With ``uniform_grad`` (for a plain mean or sum of the (B,) output) the forward also forms the
@@ -477,7 +478,8 @@ def patch_mixing_loss(
         label_smoothing: ε in [0, 1], as ``F.cross_entropy``.
         reduction: "mean" (over images, default), "sum", or "none" for (B,).
         ignore_index: class index of patches that do not count (hard labels).
-        mask: (B, N) bool ((N,) for 2-D tokens), True = a real patch; False patches do not count (padding).
+        mask: (B, N) bool ((N,) for 2-D tokens), True = a real patch; False patches do not count (padding):
+            they may hold anything (NaN, inf) and get exactly zero gradient.
         mode: "patch" (default) or "region".
         backend: "auto" (default), "triton" or "torch". Auto runs the Triton kernel on CUDA tensors and on
             CPU tensors under TRITON_INTERPRET=1, the chunked PyTorch path otherwise and for float64.
@@ -526,6 +528,11 @@ def patch_mixing_loss(
         dtype = torch.promote_types(dtype, bias.dtype)
     tokens3, weight = tokens3.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
+    if mask3 is not None:
+        # Padding may hold anything (NaN, inf): a masked row's logit gradient is 0, but 0 times a NaN token
+        # would still reach dW through Gᵀ·H. Zeroed tokens add nothing, and masked_fill's backward gives
+        # them exactly zero gradient.
+        tokens3 = tokens3.masked_fill(~mask3.unsqueeze(-1), 0.0)
     if mode == "region":  # plain torch whatever the backend
         valid = _counted(targets3, mask3, ignore_index, weight.shape[0])
         with no_autocast(tokens3.device.type):

@@ -244,6 +244,30 @@ def test_nan_stays_in_its_image(backend):
     assert_close(loss[[0, 2]], ref, torch.float32, "clean images")
 
 
+@pytest.mark.parametrize("mode", ["patch", "region"])
+def test_masked_tokens_may_hold_anything(backend, mode):
+    """NaN, inf and huge padding give the bits of zero padding: loss, every gradient (the shared head's
+    too), and exactly 0 on masked tokens."""
+    if backend == "triton" and mode == "region":
+        pytest.skip("mode='region' is plain torch on every backend")
+    tokens, weight, bias, targets, _ = make_inputs(3, 16, 8, 5, torch.float32, DEVICE, ignore=False)
+    mask = torch.rand(3, 16, device=DEVICE) > 0.3
+    mask[1] = False  # an image without real patches
+    results = []
+    for fill in (0.0, float("nan"), float("inf"), 1e30):
+        leaves = [tokens.masked_fill(~mask.unsqueeze(-1), fill), weight.clone(), bias.clone()]
+        leaves = [t.requires_grad_() for t in leaves]
+        loss = patch_mixing_loss(*leaves, targets, mask=mask, reduction="none", mode=mode, backend=backend)
+        loss.sum().backward()
+        grads = [t.grad for t in leaves]
+        assert all(torch.isfinite(g).all() for g in grads), f"non-finite gradient with padding {fill}"
+        assert grads[0][~mask].eq(0).all(), f"masked tokens got a gradient with padding {fill}"
+        results.append([loss.detach(), *grads])
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert torch.equal(got, want)
+
+
 def test_mixed_dtypes_promote_and_autocast():
     tokens, weight, bias, targets, _ = make_inputs(2, 7, 8, 5, torch.float32)
     t16 = tokens.bfloat16().requires_grad_()
