@@ -1,0 +1,328 @@
+"""Capture fastpatchdiv's Triton launches for a GPU this machine does not have.
+
+triton's JIT asks its active driver for the device, the stream and the compile target, binds the launch
+arguments (signature, constexprs, specialisation attributes such as 16-byte alignment and divisibility by
+16) and parses the launch options (num_warps, num_stages, ...), and only then compiles and launches. Here a
+stand-in driver reports the chosen target, the launchers run on meta tensors, and the JIT is stopped
+where it would compile: what it would have compiled is recorded with its grid, and nothing launches.
+
+The op runners (``cosine_calls``, ``contrastive_calls``, ``mixing_calls``) are the only code that knows
+the launchers' names. Each has a branch for the kernel interface being written (``operands=`` on the
+entry points, ``use_target``, a MAC log) and an adapter for the launchers on main before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver as triton_driver
+from triton.runtime.jit import JITFunction
+
+# The JIT must see real kernels: under TRITON_INTERPRET=1 they are interpreter functions with no compile.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise ImportError("benchmarks.static_capture needs the compiled kernels: unset TRITON_INTERPRET")
+
+from fastpatchdiv.kernels import _utils  # noqa: E402
+from fastpatchdiv.kernels import contrastive as kernels_contrastive  # noqa: E402
+from fastpatchdiv.kernels import cosine as kernels_cosine  # noqa: E402
+from fastpatchdiv.kernels import mixing as kernels_mixing  # noqa: E402
+from fastpatchdiv.mixing import _chunk_rows  # noqa: E402
+
+# dtype choice on the command line -> (input dtype, operands of the matrix work, record dtype, precision)
+DTYPES = {
+    "fp32": (torch.float32, "fp32", "fp32", "ieee"),
+    "fp32-tf32": (torch.float32, "tf32", "fp32", "tf32"),
+    "bf16": (torch.bfloat16, "bf16", "bf16", "bf16"),
+    "fp16": (torch.float16, "fp16", "fp16", "fp16"),
+}
+OPS = ("cosine", "contrastive-all", "mixing")
+MIXING_CLASSES = 1000
+TEMPERATURE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackTarget:
+    """``_utils.Target`` until the kernels define it: compute capability, SM count, per-block opt-in shared
+    memory (cudaDevAttrMaxSharedMemoryPerBlockOptin, what triton checks at the first launch)."""
+
+    arch: int
+    sms: int
+    max_shared: int
+
+
+_FALLBACK_TARGETS = {
+    80: FallbackTarget(80, 108, 166_912),  # A100
+    86: FallbackTarget(86, 84, 101_376),  # RTX 3090 Ti / A6000
+    89: FallbackTarget(89, 142, 101_376),  # L40S
+    90: FallbackTarget(90, 132, 232_448),  # H100 SXM
+    100: FallbackTarget(100, 148, 232_448),  # B200
+    120: FallbackTarget(120, 188, 101_376),  # RTX PRO 6000
+}
+TARGETS = getattr(_utils, "TARGETS", _FALLBACK_TARGETS)
+
+
+class StandInDriver:
+    """The part of triton's driver the JIT reads before a launch, reporting ``arch`` as the device.
+
+    The device id is the arch, so the JIT keeps one binder (and one compile target) per arch."""
+
+    def __init__(self) -> None:
+        self.arch = 90
+
+    def get_current_device(self) -> int:
+        return self.arch
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("meta")
+
+
+@dataclasses.dataclass
+class Launch:
+    """One launch as triton's JIT bound it: what ``triton.compile`` needs, the grid and the int arguments."""
+
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    grid: tuple
+    ints: dict
+    calls: list = dataclasses.field(default_factory=list)
+
+    @property
+    def kernel(self) -> str:
+        name = self.fn.fn.__name__.strip("_").removesuffix("_kernel")
+        named = self.named_constexprs()
+        if "LSE_ON_Y" in named:  # main's contrastive backward: one kernel, two gradients
+            name += "_dZ" if named["LSE_ON_Y"] else "_dA"
+        return name
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    def named_constexprs(self) -> dict:
+        names = self.fn.arg_names
+        return {names[path[0]]: getattr(v, "value", v) for path, v in self.constexprs.items()}
+
+    def compile_key(self, arch: int) -> str:
+        """What decides the binary: the kernel's source (with its callees), target, signature, constexprs,
+        specialisation attributes and every option (warps and stages among them)."""
+        parts = (self.fn.cache_key, arch, sorted(self.signature.items()), sorted(self.constexprs.items()))
+        parts += (sorted(self.attrs.items()), sorted(self.options.items()), triton.__version__)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+
+def _named_args(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
+    bound = fn.signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in fn.arg_names})
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+@contextlib.contextmanager
+def capturing(driver: StandInDriver) -> Iterator[list[Launch]]:
+    """Inside the block, a kernel launch records a ``Launch`` in the yielded list instead of compiling."""
+    captured: list[Launch] = []
+    pending: dict = {}
+    run, do_compile = JITFunction.run, JITFunction._do_compile
+
+    def run_(self, *args, grid, warmup, **kwargs):
+        named = _named_args(self, args, kwargs)
+        pending["grid"] = tuple(grid(named) if callable(grid) else grid)
+        pending["ints"] = {k: v for k, v in named.items() if type(v) is int}
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def do_compile_(self, key, signature, device, constexprs, options, attrs, warmup):
+        opts = dict(options.__dict__)
+        captured.append(Launch(self, dict(signature), dict(constexprs), dict(attrs), opts, **pending))
+        return None  # the JIT returns before launching
+
+    JITFunction.run, JITFunction._do_compile = run_, do_compile_
+    # Restored as found: reset_active() would create the default driver, which fails without a GPU.
+    active = triton_driver._active
+    triton_driver.set_active(driver)
+    try:
+        yield captured
+    finally:
+        JITFunction.run, JITFunction._do_compile = run, do_compile
+        triton_driver._active = active
+
+
+# ----------------------------------------------------------------------------------------- op runners
+# A call is (label, thunk): the thunk launches every kernel of one call of the op on meta tensors.
+Call = tuple[str, Callable[[], None]]
+
+
+def _new_interface(fn: Callable) -> bool:
+    return "operands" in inspect.signature(fn).parameters
+
+
+@contextlib.contextmanager
+def _fp32_matmul(operands: str) -> Iterator[None]:
+    """main's launchers read the fp32 dot precision from torch's global setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if operands == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def cosine_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
+    """The loss-only call and the training call (forward + backward) of the cosine op."""
+    k = kernels_cosine
+    x = torch.empty(B, N, D, device="meta", dtype=dtype)
+    if _new_interface(k.cosine_forward):
+        return [(f"need_grad={g}", functools.partial(k.cosine_forward, x, None, operands, g)) for g in (False, True)]
+
+    def main_launchers(need_grad: bool) -> None:
+        with _fp32_matmul(operands):
+            _, xhat, norm = k.cosine_forward(x, None)
+            if need_grad:
+                k.cosine_backward(x, None, xhat, norm, torch.empty(B, device="meta"))
+
+    return [(f"need_grad={g}", functools.partial(main_launchers, g)) for g in (False, True)]
+
+
+def contrastive_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
+    """Training calls of contrastive "all": ``first`` detached (need_a=False, the default) and not."""
+    k = kernels_contrastive
+    a, z = (torch.empty(B, N, D, device="meta", dtype=dtype) for _ in range(2))
+    if _new_interface(k.contrastive_all_forward):
+        run = functools.partial(k.contrastive_all_forward, a, z, None, TEMPERATURE, operands)
+        return [(f"need_a={n}", functools.partial(run, n, True)) for n in (False, True)]
+
+    def main_launchers(need_a: bool) -> None:
+        with _fp32_matmul(operands):
+            lse2, _ = k.contrastive_all_forward(a, z, None, TEMPERATURE)
+            k.contrastive_all_backward(a, z, lse2, torch.empty(B, device="meta"), TEMPERATURE, need_a, True)
+
+    return [(f"need_a={n}", functools.partial(main_launchers, n)) for n in (False, True)]
+
+
+def mixing_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
+    """The row cross-entropy on one chunk of the fused linear cross-entropy (C = 1000): hard and soft
+    targets with the gradient written, and hard targets loss-only."""
+    rows = _chunk_rows(B * N, D, MIXING_CLASSES, "triton")
+    logits = torch.empty(rows, MIXING_CLASSES, device="meta", dtype=dtype)
+    valid = torch.empty(rows, device="meta", dtype=torch.bool)
+    hard = torch.empty(rows, device="meta", dtype=torch.int64)
+    soft = torch.empty(rows, MIXING_CLASSES, device="meta", dtype=torch.float32)
+    run = kernels_mixing.cross_entropy_rows_
+    return [
+        ("hard", functools.partial(run, logits, hard, valid, 0.0, True)),
+        ("soft", functools.partial(run, logits, soft, valid, 0.0, True)),
+        ("hard, loss only", functools.partial(run, logits, hard, valid, 0.0, False)),
+    ]
+
+
+RUNNERS = {"cosine": cosine_calls, "contrastive-all": contrastive_calls, "mixing": mixing_calls}
+
+
+# ------------------------------------------------------------------------------ targets and work
+@contextlib.contextmanager
+def planning_for(target, driver: StandInDriver) -> Iterator[None]:
+    """Launchers plan their blocks and grids for ``target``, and the JIT binds for its arch."""
+    driver.arch = target.arch
+    # main's launchers read the device in two places: the cosine forward's persistent grid and the
+    # contrastive tiles. Gone once the kernels plan through ``use_target``.
+    patches = {
+        (kernels_cosine, "num_programs_cap"): lambda device: 4 * target.sms,
+        (kernels_contrastive, "_launch_blocks"): lambda x: kernels_contrastive.pick_blocks(
+            x.shape[-1], x.dtype, arch=target.arch
+        ),
+    }
+    saved = {where: getattr(*where) for where in patches if hasattr(*where)}
+    for (module, name), value in patches.items():
+        if (module, name) in saved:
+            setattr(module, name, value)
+    use_target = getattr(_utils, "use_target", None)
+    try:
+        with use_target(target) if use_target else contextlib.nullcontext():
+            yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def mac_log() -> Iterator[list | None]:
+    """The launchers' own log of issued multiply-adds: ``count_macs`` ((kernel, macs) pairs) or
+    ``record_launches`` (records with ``.macs``); None where the kernels keep no log (main)."""
+    if hasattr(_utils, "count_macs"):
+        with _utils.count_macs() as log:
+            yield log
+    elif hasattr(_utils, "record_launches"):
+        with _utils.record_launches() as log:
+            yield log
+    else:
+        yield None
+
+
+def _logged_macs(entry) -> int:
+    return int(entry.macs if hasattr(entry, "macs") else entry[1])
+
+
+def main_issued_macs(launch: Launch) -> int:
+    """Multiply-adds the tile loops of main's kernels issue (padded tiles included), from the launch's
+    constexprs, int arguments and grid. Only for kernels that keep no MAC log of their own."""
+    c, n, g = launch.named_constexprs(), launch.ints, launch.grid
+    name = launch.fn.fn.__name__
+    if name == "_cosine_fwd_kernel":  # every tile of the triangle, BLOCK² x D padded to BLOCK_K
+        return g[1] * n["NUM_TILES"] * c["BLOCK"] ** 2 * _utils_ceil(n["D"], c["BLOCK_K"])
+    if name == "_cosine_bwd_kernel":  # per (I, J): S = X̂_I X̂_Jᵀ and G += sign(S) X̂_J, both over BLOCK_D
+        return launch.programs * triton.cdiv(n["N"], c["BLOCK_N"]) * c["BLOCK_M"] * c["BLOCK_N"] * 2 * c["BLOCK_D"]
+    if name == "_contrastive_all_fwd_kernel":
+        return (
+            launch.programs
+            * triton.cdiv(n["N"], c["BLOCK_N"])
+            * c["BLOCK_M"]
+            * c["BLOCK_N"]
+            * _utils_ceil(n["D"], c["BLOCK_K"])
+        )
+    if name == "_contrastive_all_bwd_kernel":  # S over all of D, then one BLOCK_DV chunk of (P − I) Y
+        per_tile = c["BLOCK_X"] * c["BLOCK_Y"] * (_utils_ceil(n["D"], c["BLOCK_K"]) + c["BLOCK_DV"])
+        return launch.programs * triton.cdiv(n["N"], c["BLOCK_Y"]) * per_tile
+    return 0  # no tl.dot
+
+
+def _utils_ceil(value: int, multiple: int) -> int:
+    return triton.cdiv(value, multiple) * multiple
+
+
+def capture_op(driver: StandInDriver, op: str, target, B: int, N: int, D: int, dtype_name: str):
+    """Every launch of ``op``'s calls at one shape, planned for ``target``.
+
+    Returns:
+        (launches, macs): the distinct launches (compile and grid), each with the labels of the calls that
+        issue it in ``calls``; and the multiply-adds each call issues, by label.
+    """
+    dtype, operands, _, _ = DTYPES[dtype_name]
+    launches: dict = {}
+    macs: dict[str, int] = {}
+    with planning_for(target, driver), capturing(driver) as captured:
+        for label, thunk in RUNNERS[op](B, N, D, dtype, operands):
+            captured.clear()
+            with mac_log() as log:
+                thunk()
+            macs[label] = sum(map(_logged_macs, log)) if log is not None else sum(map(main_issued_macs, captured))
+            for launch in captured:
+                key = (launch.compile_key(target.arch), launch.grid)
+                launches.setdefault(key, launch).calls.append(label)
+    return list(launches.values()), macs
