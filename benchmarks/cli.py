@@ -42,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="time only")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>[-kind|-partial])")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="compile every kernel as launched for each GPU target, no GPU needed (python -m benchmarks --static -h)",
+    )
     return p.parse_args(argv)
 
 
@@ -57,6 +62,11 @@ def make_sweep(args: argparse.Namespace) -> cases.Sweep:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:  # the static report has options of its own (benchmarks/static.py)
+        from benchmarks import static
+
+        return static.main([a for a in argv if a != "--static"])
     args = parse_args(argv)
     sweep = make_sweep(args)
     setup(sweep.device)
