@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +53,7 @@ except ImportError as exc:  # the package itself needs only torch and triton
     ) from exc
 
 __all__ = [
+    "CheckpointKeys",
     "check_vit",
     "layer_similarity",
     "load_checkpoint",
@@ -138,7 +140,7 @@ def layer_similarity(
 
     Raises:
         TypeError: ``model`` is not a supported ViT.
-        ValueError: an image tensor of the wrong rank.
+        ValueError: an image tensor of the wrong rank, or an image with fewer than 2 patches.
 
     Example:
         >>> model = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True).eval()
@@ -149,13 +151,19 @@ def layer_similarity(
     param = next(model.parameters())
     batches = _image_batches(images, batch_size)
     model.eval()
-    columns = []
+    columns, first = [], 0
     with torch.inference_mode():
         for x in tqdm(batches, desc="forward", unit="batch", disable=not progress, leave=False):
             tokens = model.forward_intermediates(
                 x.to(device=param.device, dtype=param.dtype), indices=None, output_fmt="NLC", intermediates_only=True
             )
+            if tokens[0].shape[1] < 2:  # the mean over pairs i != j has no pair
+                raise ValueError(
+                    f"images[{first}] ({x.shape[-2]} x {x.shape[-1]} px) gives {tokens[0].shape[1]} patch token(s);"
+                    " the similarity between patches needs at least 2: use a larger image"
+                )
             columns.append(torch.stack([patch_cosine_loss(t, reduction="none").cpu() for t in tokens]))
+            first += x.shape[0]
     return torch.cat(columns, dim=1)
 
 
@@ -179,8 +187,15 @@ def sample_images() -> list[tuple[str, Image.Image]]:
 def load_images(paths: Sequence[str | Path]) -> list[tuple[str, Image.Image]]:
     """Open image files, and every image file (by PIL's known extensions) of a folder, as RGB.
 
+    Args:
+        paths: image files and folders; a folder contributes its files with an image extension, sorted.
+
+    Returns:
+        (file name, RGB PIL image) pairs, in order.
+
     Raises:
         FileNotFoundError: a path does not exist, or a folder holds no image file.
+        ValueError: a file PIL cannot read as an image (named).
     """
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     out = []
@@ -194,8 +209,11 @@ def load_images(paths: Sequence[str | Path]) -> list[tuple[str, Image.Image]]:
         else:
             raise FileNotFoundError(f"no such image file or folder: {path}")
         for file in files:
-            with Image.open(file) as image:
-                out.append((file.name, image.convert("RGB")))
+            try:
+                with Image.open(file) as image:
+                    out.append((file.name, image.convert("RGB")))
+            except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file, an unreadable one
+                raise ValueError(f"{file}: not an image file PIL can read ({exc})") from exc
     return out
 
 
@@ -216,40 +234,102 @@ def preprocess(
     return transform(image)
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load a local state dict into ``model``; return its (missing, unexpected) keys.
+class CheckpointKeys(NamedTuple):
+    """What :func:`load_checkpoint` did not load: lists of state-dict keys.
 
-    ``torch.load(path, map_location="cpu", weights_only=True)``, so no pickled code runs. Accepts a
-    bare state dict or one under "model" or "state_dict" (training checkpoints), strips DDP and
-    torch.compile prefixes (timm's ``clean_state_dict``) and passes it through the model family's own
-    ``checkpoint_filter_fn`` where timm has one (it resamples a position embedding saved at another
-    image size). Loads with ``strict=False`` and returns what did not match, for the caller to report.
+    Attributes:
+        missing: keys of the model the checkpoint lacks (they keep their random init).
+        unexpected: keys of the checkpoint the model lacks.
+        head: the checkpoint's classifier-head keys, never loaded: the probe reads the blocks' tokens,
+            not the head, so a checkpoint trained with another ``num_classes`` loads as well.
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    head: list[str]
+
+
+def _head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    # timm names each family's classifier module(s) in pretrained_cfg["classifier"]: "head" for ViT and
+    # Eva, ("head", "head_dist") for distilled DeiT
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return tuple(f"{name}." for name in names)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint file, through timm's own loader; errors as ValueError/FileNotFoundError."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint")
+    with path.open("rb") as file:
+        head = file.read(16)
+    # torch.save writes a zip archive ("PK"), or with the legacy format a pickle (protocol >= 2: 0x80);
+    # anything else (a text file, an image) would reach the unpickler and fail with a bare KeyError or
+    # IndexError
+    if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts {head!r})")
+    try:
+        # timm's loader: weights_only=True with argparse.Namespace allowed (train.py saves its args as
+        # one), "state_dict" or "model" of a training checkpoint, DDP / torch.compile prefixes stripped,
+        # .safetensors files. use_ema=False: the weights that trained, as "model" or "state_dict".
+        state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    except (EOFError, IndexError, KeyError, UnicodeDecodeError, pickle.UnpicklingError) as exc:
+        # what torch.load's weights-only unpickler raises on a damaged or truncated pickle
+        raise ValueError(f"{path}: not a PyTorch checkpoint (torch.load failed: {type(exc).__name__} {exc})") from exc
+    except AttributeError as exc:
+        # timm's clean_state_dict calls .items() on whatever the file holds (a list, a tensor)
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got something else ({exc})") from exc
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got a dict of other values")
+    return state
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> CheckpointKeys:
+    """Load a local checkpoint's weights into ``model``; return the keys that did not load.
+
+    Reads the file with timm's ``timm.models.load_state_dict`` under ``weights_only=True``, so no pickled
+    code runs: a bare state dict, a training checkpoint with its weights under "state_dict" or "model"
+    (timm train.py's, whose ``args`` is an ``argparse.Namespace``: timm allows that one class), or a
+    ``.safetensors`` file; DDP and torch.compile prefixes stripped. The state then goes through the model
+    family's own ``checkpoint_filter_fn`` where timm has one (it resamples a position embedding saved at
+    another image size). The classifier head is never loaded (the probe does not use it), so checkpoints
+    trained with any ``num_classes`` load. Loads with ``strict=False``.
+
+    Args:
+        model: the timm model to load into.
+        path: the checkpoint file.
+
+    Returns:
+        :class:`CheckpointKeys`: missing, unexpected and (ignored) head keys, for the caller to report.
 
     Raises:
-        ValueError: the file holds no state dict, or none of its keys is one of the model's.
+        FileNotFoundError: no such file.
+        ValueError: the file is empty or no PyTorch checkpoint, holds no state dict, or none of its keys
+            is one of the model's.
+        RuntimeError: the file needs pickled classes beyond tensors and ``argparse.Namespace`` (timm's
+            message names them), or a damaged zip archive.
     """
-    from timm.models import clean_state_dict
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping):
-        for key in ("model", "state_dict"):
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-    state = clean_state_dict(dict(state))
+    path = Path(path)
+    state = _read_state_dict(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
-    result = model.load_state_dict(state, strict=False)
-    own = set(model.state_dict())
+    prefixes = _head_prefixes(model)
+    head = [k for k in state if k.startswith(prefixes)]
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    own = {k for k in model.state_dict() if not k.startswith(prefixes)}
     if not own & set(state):
         raise ValueError(
             f"{path}: none of its {len(state)} keys (e.g. {next(iter(state), None)!r}) is a key of"
             f" {type(model).__name__} (e.g. {next(iter(own))!r}): a checkpoint of another model?"
         )
-    return list(result.missing_keys), list(result.unexpected_keys)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    return CheckpointKeys(missing, list(result.unexpected_keys), head)
 
 
 def create_vit(name: str, seed: int = 0) -> tuple[torch.nn.Module, bool]:
@@ -361,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--img-size",
-        type=int,
+        type=_positive_int,
         metavar="S",
         help="resize the shorter side to S and crop the centre S x S (default: each image at its own size: the"
         " model is built with timm's dynamic_img_size=True and dynamic_img_pad=True, so the bottom/right edges"
@@ -374,8 +454,101 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    # argparse turns this ValueError into "argument --img-size: invalid _positive_int value"; the
+    # ArgumentTypeError's own message reads better
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {value}")
+    return value
+
+
+def _load_reported(parser: argparse.ArgumentParser, model: torch.nn.Module, checkpoint: str) -> CheckpointKeys:
+    """load_checkpoint, its failures as one-line CLI errors and its unloaded keys as stderr lines."""
+    try:
+        keys = load_checkpoint(model, checkpoint)
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        # load_checkpoint's own messages start with the path; timm's and torch's do not
+        message = str(exc)
+        parser.error(message if message.startswith(str(checkpoint)) else f"--checkpoint {checkpoint}: {message}")
+    for what, names in (("missing", keys.missing), ("unexpected", keys.unexpected)):
+        if names:
+            print(f"warning: {checkpoint}: {len(names)} {what} keys: {', '.join(names[:8])}", file=sys.stderr)
+    if keys.head:
+        print(f"note: {checkpoint}: classifier head not loaded (the probe does not use it): {', '.join(keys.head)}")
+    return keys
+
+
+def _probe_run(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    run: tuple[str, str | None],
+    named_images: list[tuple[str, Image.Image]],
+) -> dict:
+    """One model (and checkpoint) over all images: its similarity.json record; CLI errors via ``parser``."""
+    name, checkpoint = run
+    try:
+        model, dynamic = create_vit(name, args.seed)
+    except (TypeError, RuntimeError) as exc:
+        parser.error(f"--model {name}: {exc}")
+    keys = CheckpointKeys([], [], []) if checkpoint is None else _load_reported(parser, model, checkpoint)
+    fixed = None
+    if not dynamic:
+        fixed = resolve_data_config(model=model)["input_size"][1:]
+        if args.img_size is not None and (args.img_size, args.img_size) != tuple(fixed):
+            parser.error(f"--model {name} takes a fixed input size {fixed[0]} x {fixed[1]}, not --img-size")
+        print(f"note: {name} has no dynamic_img_size: images are resized to {fixed[0]} x {fixed[1]}")
+    size = tuple(fixed) if fixed is not None else args.img_size
+    model.to(args.device)
+    tensors = [preprocess(model, image, size) for _, image in named_images]
+    patches = [model.patch_embed.dynamic_feat_size(t.shape[-2:]) for t in tensors] if dynamic else None
+    n_patches = [h * w for h, w in patches] if patches else [model.patch_embed.num_patches] * len(tensors)
+    counts = zip((file for file, _ in named_images), n_patches, strict=True)
+    few = [f"{file} ({n} patch{'' if n == 1 else 'es'})" for file, n in counts if n < 2]
+    if few:  # checked before the forward, to name the files (layer_similarity knows only indices)
+        parser.error(
+            f"--model {name}: fewer than 2 patches (the similarity needs a pair) in {', '.join(few)}:"
+            " use larger images" + (f" or a larger --img-size than {args.img_size}" if args.img_size else "")
+        )
+    sim = layer_similarity(model, tensors, progress=len(tensors) > 1)
+    mean, std = sim.mean(dim=1), _std(sim)
+    label = name if checkpoint is None else f"{name} ({Path(checkpoint).name})"
+    if checkpoint is None:
+        label += f" (random init, seed {args.seed})"
+    print(_table(label, mean, std, len(tensors), n_patches))
+    return {
+        "label": label,
+        "model": name,
+        "checkpoint": checkpoint,
+        "init": "checkpoint" if checkpoint else f"random (seed {args.seed})",
+        "missing_keys": keys.missing,
+        "unexpected_keys": keys.unexpected,
+        "head_keys_not_loaded": keys.head,
+        "num_prefix_tokens": model.num_prefix_tokens,
+        "input_sizes": [list(t.shape[-2:]) for t in tensors],
+        "patches": n_patches,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "per_image": sim.T.tolist(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command-line entry point; returns what it wrote to similarity.json."""
+    """Command-line entry point.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``); ``--help`` lists them.
+
+    Returns:
+        What it wrote to OUT/similarity.json.
+
+    Raises:
+        SystemExit: status 2 with a one-line message on bad arguments or inputs (an unknown or non-ViT
+            model, a checkpoint that does not load, a file that is no image, an image under 2 patches).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL]
@@ -391,56 +564,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    results, curves = [], {}
-    for name, checkpoint in tqdm(runs, desc="models", unit="model", disable=len(runs) < 2):
-        try:
-            model, dynamic = create_vit(name, args.seed)
-        except (TypeError, RuntimeError) as exc:
-            parser.error(f"--model {name}: {exc}")
-        missing = unexpected = []
-        if checkpoint is not None:
-            try:
-                missing, unexpected = load_checkpoint(model, checkpoint)
-            except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
-                parser.error(f"--checkpoint {checkpoint}: {exc}")
-            for what, keys in (("missing", missing), ("unexpected", unexpected)):
-                if keys:
-                    print(f"warning: {checkpoint}: {len(keys)} {what} keys: {', '.join(keys[:8])}", file=sys.stderr)
-        fixed = None
-        if not dynamic:
-            fixed = resolve_data_config(model=model)["input_size"][1:]
-            if args.img_size is not None and (args.img_size, args.img_size) != tuple(fixed):
-                parser.error(f"--model {name} takes a fixed input size {fixed[0]} x {fixed[1]}, not --img-size")
-            print(f"note: {name} has no dynamic_img_size: images are resized to {fixed[0]} x {fixed[1]}")
-        size = tuple(fixed) if fixed is not None else args.img_size
-        model.to(args.device)
-        tensors = [preprocess(model, image, size) for _, image in named_images]
-        sim = layer_similarity(model, tensors, progress=len(tensors) > 1)
-        mean, std = sim.mean(dim=1), _std(sim)
-        label = name if checkpoint is None else f"{name} ({Path(checkpoint).name})"
-        if checkpoint is None:
-            label += f" (random init, seed {args.seed})"
-        patches = [model.patch_embed.dynamic_feat_size(t.shape[-2:]) for t in tensors] if dynamic else None
-        n_patches = [h * w for h, w in patches] if patches else [model.patch_embed.num_patches] * len(tensors)
-        curves[label] = (mean.tolist(), std.tolist())
-        results.append(
-            {
-                "label": label,
-                "model": name,
-                "checkpoint": checkpoint,
-                "init": "checkpoint" if checkpoint else f"random (seed {args.seed})",
-                "missing_keys": missing,
-                "unexpected_keys": unexpected,
-                "num_prefix_tokens": model.num_prefix_tokens,
-                "input_sizes": [list(t.shape[-2:]) for t in tensors],
-                "patches": n_patches,
-                "mean": mean.tolist(),
-                "std": std.tolist(),
-                "per_image": sim.T.tolist(),
-            }
-        )
-        print(_table(label, mean, std, len(tensors), n_patches))
-
+    results = [
+        _probe_run(parser, args, run, named_images)
+        for run in tqdm(runs, desc="models", unit="model", disable=len(runs) < 2)
+    ]
+    curves = {r["label"]: (r["mean"], r["std"]) for r in results}
     record = {
         "what": "mean |cos| between patch tokens after each block (prefix tokens dropped, before the final norm)",
         "std": "sample std over images",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,7 +13,15 @@ import timm
 import torch
 from PIL import Image
 
-from fastpatchdiv.probe import check_vit, layer_similarity, load_checkpoint, load_images, main, preprocess
+from fastpatchdiv.probe import (
+    CheckpointKeys,
+    check_vit,
+    layer_similarity,
+    load_checkpoint,
+    load_images,
+    main,
+    preprocess,
+)
 from fastpatchdiv.reference import cosine_loss_reference
 from tests.helpers import assert_close
 
@@ -142,7 +151,7 @@ def test_load_checkpoint_prefixes_resampling_and_refusals(tmp_path):
     small = _small_vit(img_size=16)  # 4 x 4 position grid, saved under DDP's "module." prefix
     torch.save({"state_dict": {f"module.{k}": v for k, v in small.state_dict().items()}}, tmp_path / "ddp.pth")
     target = _small_vit()  # 8 x 8 grid: timm's checkpoint_filter_fn resamples the position embedding
-    assert load_checkpoint(target, tmp_path / "ddp.pth") == ([], [])
+    assert load_checkpoint(target, tmp_path / "ddp.pth") == ([], [], ["head.weight", "head.bias"])
     assert_close(target.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight, torch.float32)
 
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "resnet.pth")
@@ -152,7 +161,8 @@ def test_load_checkpoint_prefixes_resampling_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="expected a state dict"):
         load_checkpoint(target, tmp_path / "list.pth")
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a module: needs unpickling code
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    # timm's loader refuses it and names the class; no pickled code runs
+    with pytest.raises(RuntimeError, match="weights_only=True blocked .*torch.nn.modules.linear.Linear"):
         load_checkpoint(target, tmp_path / "pickled.pth")
 
 
@@ -182,3 +192,105 @@ def test_fixed_size_family_is_resized_to_its_input_size(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main([*args, "--img-size", "32"])
     assert "takes a fixed input size 160 x 160, not --img-size" in capsys.readouterr().err
+
+
+def _save_train_py_checkpoint(folder: Path, model: torch.nn.Module, name: str) -> Path:
+    """A checkpoint as timm's train.py writes it: timm's CheckpointSaver, args an argparse.Namespace, an EMA."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # optimizer state of tensors, as after a real epoch
+    args = argparse.Namespace(model=name, num_classes=model.num_classes, lr=1e-3, amp=True, smoothing=0.1)
+    ema = ModelEmaV3(model, decay=0.5)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder), max_history=1)
+    saver.save_checkpoint(epoch=3, metric=12.5)
+    return folder / "last.pth.tar"
+
+
+@pytest.mark.parametrize("num_classes", [1000, 10])
+def test_load_checkpoint_of_timm_train_py_with_any_head(tmp_path, num_classes):
+    """Issue 19 kind 14: train.py's checkpoint (args an argparse.Namespace) and another num_classes both load."""
+    trained = _small_vit(num_classes=num_classes)
+    path = _save_train_py_checkpoint(tmp_path, trained, "vit_tiny_patch16_224")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert isinstance(saved["args"], argparse.Namespace) and {"state_dict", "state_dict_ema", "epoch"} <= set(saved)
+    with pytest.raises(Exception, match="argparse.Namespace"):  # what the probe tripped on before
+        torch.load(path, map_location="cpu", weights_only=True)
+
+    target = _small_vit()  # num_classes 1000: the same head as the checkpoint's or not
+    head_before = target.head.weight.clone()
+    keys = load_checkpoint(target, path)
+    assert isinstance(keys, CheckpointKeys)
+    assert keys == ([], [], ["head.weight", "head.bias"])
+    # the training weights ("state_dict"), not the EMA's, and the model's own head left as it was
+    for got, want in zip(target.blocks.parameters(), trained.blocks.parameters(), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(target.head.weight, head_before)
+
+
+def test_cli_reads_a_train_py_checkpoint_of_another_head(capsys, tmp_path):
+    torch.manual_seed(0)
+    path = _save_train_py_checkpoint(tmp_path, timm.create_model("test_vit", num_classes=7), "test_vit")
+    Image.new("RGB", (40, 36), (90, 30, 200)).save(tmp_path / "a.png")
+    args = ["--model", "test_vit", "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    (run,) = main([*args, "--checkpoint", str(path)])["runs"]
+    assert run["init"] == "checkpoint" and run["missing_keys"] == run["unexpected_keys"] == []
+    assert run["head_keys_not_loaded"] == ["head.weight", "head.bias"]
+    assert "classifier head not loaded (the probe does not use it): head.weight, head.bias" in capsys.readouterr().out
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting argparse's exit 2; return its one stderr line of error."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    return line
+
+
+def test_cli_bad_checkpoint_files_are_one_line_errors(capsys, tmp_path):
+    Image.new("RGB", (40, 36)).save(tmp_path / "a.png")
+    base = ["--model", "test_vit", "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("epoch: 3\nweights: elsewhere\n")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "full.pth")
+    whole = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted save or copy
+    expected = {
+        "empty.pth": "empty.pth: the file is empty (0 bytes), not a checkpoint",
+        "text.pth": "text.pth: not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts b'epoch: 3",
+        "cut.pth": "--checkpoint " + str(tmp_path / "cut.pth") + ": PytorchStreamReader failed reading zip archive",
+        "tensor.pth": "tensor.pth: expected a state dict (name -> tensor)",
+        "missing.pth": "missing.pth: no such checkpoint file",
+    }
+    for name, message in expected.items():
+        assert message in _cli_error(capsys, [*base, "--checkpoint", str(tmp_path / name)]), name
+    assert not (tmp_path / "out" / "similarity.json").exists()
+
+
+def test_cli_bad_image_size_and_files_are_one_line_errors(capsys, tmp_path):
+    base = ["--model", "test_vit", "--out", str(tmp_path / "out")]
+    for size in ("0", "-16"):
+        assert f"argument --img-size: must be a positive number of pixels, got {size}" in _cli_error(
+            capsys, [*base, "--img-size", size]
+        )
+    (tmp_path / "fake.png").write_text("not an image")
+    line = _cli_error(capsys, [*base, "--images", str(tmp_path / "fake.png")])
+    assert f"{tmp_path / 'fake.png'}: not an image file PIL can read" in line
+    # 12 x 10 px is one 16-px patch once padded; 40 x 20 is 3 x 2 patches
+    Image.new("RGB", (12, 10)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (40, 20)).save(tmp_path / "ok.png")
+    line = _cli_error(capsys, [*base, "--images", str(tmp_path / "ok.png"), str(tmp_path / "tiny.png")])
+    assert "fewer than 2 patches (the similarity needs a pair) in tiny.png (1 patch)" in line
+    assert "ok.png" not in line
+    line = _cli_error(capsys, [*base, "--images", str(tmp_path / "ok.png"), "--img-size", "8"])
+    assert "in ok.png (1 patch): use larger images or a larger --img-size than 8" in line
+
+
+def test_layer_similarity_refuses_an_image_of_one_patch():
+    with pytest.raises(ValueError, match=r"images\[1\] \(3 x 4 px\) gives 1 patch token\(s\)"):
+        layer_similarity(_small_vit(), [torch.randn(3, 8, 8), torch.randn(3, 3, 4)])
