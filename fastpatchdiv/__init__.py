@@ -7,6 +7,7 @@ from fastpatchdiv.contrastive import PatchContrastiveFunction, PatchContrastiveL
 from fastpatchdiv.cosine import PatchCosineFunction, PatchCosineLoss, patch_cosine_loss
 from fastpatchdiv.cutmix import cutmix_patches
 from fastpatchdiv.mixing import PatchMixingFunction, PatchMixingLoss, patch_mixing_loss
+from fastpatchdiv.trainers import PatchDiversity, TokenSpec, attach
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "PatchCosineFunction",
     "PatchCosineLoss",
     "PatchMixingFunction",
+    "PatchDiversity",
     "PatchMixingLoss",
+    "TokenSpec",
+    "attach",
     "cutmix_patches",
     "patch_contrastive_loss",
     "patch_cosine_loss",
