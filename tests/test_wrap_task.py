@@ -7,6 +7,12 @@ same with tiny ViTs (depth 1, 32 px, 16 patches). The 2-process DDP run is in te
 """
 
 import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,16 +90,7 @@ def state(task) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in task.get_trainable_module().named_parameters()}
 
 
-KINDS = [
-    "classification",
-    "logit",
-    pytest.param(
-        "feature",
-        marks=pytest.mark.xfail(
-            raises=RuntimeError, strict=False, reason="issue 19 kind 11: attach does not see forward_features yet"
-        ),
-    ),
-]
+KINDS = ["classification", "logit", "feature"]  # feature: the student runs forward_features + forward_head
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -209,3 +206,52 @@ def test_refusals():
         wrap_task(MultiLabelClassificationTask(vit(), verbose=False), **OPTIONS)
     with pytest.raises(TypeError, match="soft-target"):
         wrap_task(ClassificationTask(vit(), criterion=torch.nn.MSELoss(), verbose=False), **OPTIONS)
+
+
+DIFF = Path(__file__).resolve().parents[1] / "examples" / "timm_train_py.diff"
+
+
+def test_train_py_diff_adds_at_most_three_lines_and_names_its_commit():
+    text = DIFF.read_text()
+    lines = text.splitlines()
+    added = [ln for ln in lines if ln.startswith("+") and not ln.startswith("+++")]
+    removed = [ln for ln in lines if ln.startswith("-") and not ln.startswith("---")]
+    assert 1 <= len(added) <= 3 and not removed, added + removed
+    assert re.search(r"\b[0-9a-f]{40}\b", text), "the train.py commit the diff was tested against"
+    assert any("wrap_task(task" in ln for ln in added)
+
+
+@pytest.mark.slow
+def test_patched_train_py_trains_and_resumes(tmp_path):
+    """The diff applied to timm's train.py (its path in FASTPATCHDIV_TIMM_TRAIN_PY): 1 epoch, then a resume."""
+    source = os.environ.get("FASTPATCHDIV_TIMM_TRAIN_PY", "")
+    if not source or not Path(source).is_file() or shutil.which("git") is None:
+        pytest.skip("set FASTPATCHDIV_TIMM_TRAIN_PY to train.py of pytorch-image-models at the diff's commit")
+    work = tmp_path / "timm"
+    work.mkdir()
+    shutil.copy(source, work / "train.py")
+    subprocess.run(["git", "apply", str(DIFF)], cwd=work, check=True)
+    Image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "validation"):
+        for label in ("a", "b", "c"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    common = [sys.executable, "train.py", str(tmp_path / "data"), "--model", "vit_tiny_patch16_224"]
+    common += ["--model-kwargs", "depth=1", "img_size=32", "--img-size", "32", "--num-classes", "3", "-b", "4"]
+    common += ["--device", "cpu", "-j", "0", "--no-prefetcher", "--output", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([*common, "--epochs", "1", "--experiment", "one"], cwd=work, env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    last = tmp_path / "out" / "one" / "last.pth.tar"
+    head = torch.load(last, weights_only=False)["task_state"]["fastpatchdiv"]["mixing.head.weight"]
+    # A resumed epoch at learning rate 0 (a fresh optimizer: the saved one carries the old rate): the head must
+    # come back from the checkpoint bit for bit. test_resume_is_bit_identical covers the optimizer state.
+    resume = [*common, "--epochs", "2", "--experiment", "two", "--resume", str(last)]
+    resume += ["--no-resume-opt", "--lr-base", "0", "--warmup-lr", "0", "--min-lr", "0"]
+    run = subprocess.run(resume, cwd=work, env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    again = torch.load(tmp_path / "out" / "two" / "last.pth.tar", weights_only=False)["task_state"]["fastpatchdiv"]
+    assert torch.equal(again["mixing.head.weight"], head)

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable
 
@@ -37,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - timm < 1.0.23 has no timm.task
         "in your own loop"
     ) from exc
 
-from fastpatchdiv.cutmix import cutmix_patches
+from fastpatchdiv.trainers import attach
 
 _logger = logging.getLogger(__name__)
 
@@ -45,21 +44,6 @@ _logger = logging.getLogger(__name__)
 STATE_KEY = "fastpatchdiv"
 # Result-dict keys of the unweighted parts (averaged over ranks), by div.losses() name.
 PART_KEYS = {"cosine": "patch_cosine", "contrastive": "patch_contrastive", "mixing": "patch_mixing"}
-
-
-def _attach(model: nn.Module, options: dict, label_smoothing: float):
-    """``attach(model, **options)``, with the mixing loss's label smoothing where attach takes it."""
-    import fastpatchdiv.timm as fpd_timm  # the trainer package re-exports wrap_task: import at call time
-
-    mixing = options.get("mixing_weight", 0) > 0
-    # TODO(trainers rebuild): attach() takes label_smoothing; until it lands, set it on the mixing loss.
-    takes_smoothing = "label_smoothing" in inspect.signature(fpd_timm.attach).parameters
-    if mixing and takes_smoothing:
-        options = {"label_smoothing": label_smoothing, **options}
-    div = fpd_timm.attach(model, **options)
-    if mixing and not takes_smoothing:
-        div.mixing.label_smoothing = float(label_smoothing)
-    return div
 
 
 def _student(task: TrainingTask) -> nn.Module:
@@ -169,9 +153,6 @@ class PatchDiversityTask(TrainingTask):
         self.task = task
         self.div = div
         self.label_smoothing = label_smoothing  # None: mixing off (no soft targets made here)
-        model = _student(task)
-        self._num_classes = int(model.num_classes)
-        self._patch_size = tuple(model.patch_embed.patch_size) if hasattr(model, "patch_embed") else None
         self._div_call = div  # DistributedDataParallel(div) after prepare_distributed
         has_head = any(p.requires_grad for p in div.parameters())
         # Not registered (a plain attribute): it holds the task's module and div a second time.
@@ -221,10 +202,10 @@ class PatchDiversityTask(TrainingTask):
                 "the task does the patch CutMix itself, so turn timm's Mixup/CutMix off (--mixup 0 --cutmix 0, "
                 "train.py's defaults)"
             )
-        mixed, patch_targets, soft = cutmix_patches(images, targets, self._patch_size, num_classes=self._num_classes)
+        mixed, patch_targets, soft = self.div.cutmix(images, targets)
         eps = self.label_smoothing
         if eps:  # as timm's mixup_target: (1 − ε)·soft + ε/C
-            soft = soft * (1.0 - eps) + eps / self._num_classes
+            soft = soft * (1.0 - eps) + eps / soft.shape[-1]
         return mixed, patch_targets, soft
 
     # -- the head: optimizer, DDP, checkpoints ---------------------------------------------------------
@@ -320,7 +301,7 @@ class PatchDiversityTask(TrainingTask):
 def wrap_task(task: TrainingTask, *, label_smoothing: float | None = None, **options) -> PatchDiversityTask:
     """Add the patch-diversification losses to a timm training task (``timm.task``, timm >= 1.0.23).
 
-    Hooks the task's model (the student of a distillation task) with ``fastpatchdiv.timm.attach(model,
+    Hooks the task's model (the student of a distillation task) with ``fastpatchdiv.attach(model,
     **options)`` and returns a task whose ``loss`` adds ``div.loss()``. With ``mixing_weight > 0``, each
     step first mixes the batch with :func:`fastpatchdiv.cutmix_patches` (the model's patch size and class
     count), smooths the soft targets by ``label_smoothing`` and replaces the task's criterion by its
@@ -358,7 +339,7 @@ def wrap_task(task: TrainingTask, *, label_smoothing: float | None = None, **opt
     if not mixing:
         if label_smoothing is not None:
             raise ValueError("label_smoothing is for the mixing loss, which is off: pass mixing_weight > 0")
-        div = _attach(_student(task), options, 0.0)
+        div = attach(_student(task), **options)
         return PatchDiversityTask(task, div, None)
     if getattr(task, "multi_label", False):
         raise ValueError("the mixing loss labels each patch with one class: it does not apply to multi-label tasks")
@@ -367,7 +348,7 @@ def wrap_task(task: TrainingTask, *, label_smoothing: float | None = None, **opt
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         smoothing = float(label_smoothing)
-    div = _attach(_student(task), options, smoothing)
+    div = attach(_student(task), label_smoothing=smoothing, **options)
     task.criterion = criterion
     return PatchDiversityTask(task, div, smoothing)
 
