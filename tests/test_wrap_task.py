@@ -28,6 +28,7 @@ from timm.task import (  # noqa: E402
     FeatureDistillationTask,
     LogitDistillationTask,
     MultiLabelClassificationTask,
+    TokenDistillationTask,
     resume_task_checkpoint,
 )
 from timm.utils import CheckpointSaver  # noqa: E402
@@ -54,6 +55,19 @@ def make_task(kind: str, seed: int = 0, smoothing: float = 0.1, **options):
         task = ClassificationTask(student, criterion=criterion, verbose=False)
     elif kind == "logit":
         task = LogitDistillationTask(student, vit(48, seed=7), criterion=criterion, temperature=2.0, verbose=False)
+    elif kind == "token":  # a distilled DeiT: class and distillation tokens, two heads
+        torch.manual_seed(seed)
+        student = timm.create_model(
+            "deit_tiny_distilled_patch16_224",
+            img_size=32,
+            patch_size=8,
+            depth=1,
+            embed_dim=32,
+            num_heads=2,
+            num_classes=CLASSES,
+        )
+        student.set_distilled_training(True)
+        task = TokenDistillationTask(student, vit(48, seed=7), criterion=criterion, verbose=False)
     else:  # a teacher of another width: the task adds a projection, its own task state beside ours
         task = FeatureDistillationTask(student, vit(48, seed=7), criterion=criterion, verbose=False)
     torch.manual_seed(seed + 100)  # the patch head
@@ -90,7 +104,7 @@ def state(task) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in task.get_trainable_module().named_parameters()}
 
 
-KINDS = ["classification", "logit", "feature"]  # feature: the student runs forward_features + forward_head
+KINDS = ["classification", "logit", "feature", "token"]  # feature: the student runs forward_features + forward_head
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -153,9 +153,9 @@ class PatchDiversityTask(TrainingTask):
         self.task = task
         self.div = div
         self.label_smoothing = label_smoothing  # None: mixing off (no soft targets made here)
-        self._div_call = div  # DistributedDataParallel(div) after prepare_distributed
         has_head = any(p.requires_grad for p in div.parameters())
-        # Not registered (a plain attribute): it holds the task's module and div a second time.
+        # Plain attributes, not submodules: they hold the task's module and div a second time.
+        self.__dict__["_div_call"] = div  # DistributedDataParallel(div) after prepare_distributed
         self.__dict__["_trainable"] = TrainableWithHead(task.get_trainable_module(), div) if has_head else None
 
     @property
@@ -230,7 +230,7 @@ class PatchDiversityTask(TrainingTask):
         """
         self.task.prepare_distributed(device_ids=device_ids, **ddp_kwargs)
         if self._trainable is not None:
-            self._div_call = DistributedDataParallel(self.div, device_ids=device_ids, **ddp_kwargs)
+            self.__dict__["_div_call"] = DistributedDataParallel(self.div, device_ids=device_ids, **ddp_kwargs)
             self._trainable.patch_diversity = self._div_call
         return self
 
