@@ -17,12 +17,47 @@ import torch
 import fastpatchdiv
 from fastpatchdiv import reference
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A case's dtype names its inputs' dtype, or a mixed-precision setting ("amp-*"): then DTYPES gives the
+# dtype of the inputs that stay full precision and AUTOCAST the dtype the step runs under.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp-bf16": torch.float32}
+# Mixed precision as a timm ViT trains under torch.autocast(dtype=bfloat16): autocast runs layer_norm in
+# fp32, so the final norm's tokens (``last``, the cosine loss's input) arrive in fp32, while the patch
+# embedding (a conv) gives ``first`` in bf16 (Op.autocast_inputs). The loss runs under the same autocast,
+# the backward outside it (as torch.autocast's documentation asks). CPU autocast runs it too.
+AUTOCAST = {"amp-bf16": torch.bfloat16}
+CPU_DTYPES = ("fp32", *AUTOCAST)  # 16-bit inputs are benchmarked on CUDA only
 MODES = ("forward", "backward", "full")
 NAIVE = ("torch", "torch.compile")  # the N x N formulas of fastpatchdiv.reference, eager and compiled
 PEERS = ("keops", "inf-cl")  # libraries that also avoid N x N memory (providers.py)
 PROVIDERS = ("fastpatchdiv", *NAIVE, *PEERS)
 MUST_RUN = ("fastpatchdiv", "torch")  # a failure of these is an error; of the others (their own limits), a skip
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype the matrix work of a case runs in (what its ceiling is measured in): the autocast dtype of an
+    "amp-*" case, else the inputs' dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[AUTOCAST[dtype]] if dtype in AUTOCAST else dtype
+
+
+def under_autocast(fn: Callable, dtype: str, device: str) -> Callable:
+    """``fn`` itself, or for an "amp-*" dtype ``fn`` run under ``torch.autocast(device, AUTOCAST[dtype])``.
+
+    Args:
+        fn: a loss function of the case's inputs.
+        dtype: the case's dtype name.
+        device: "cpu" or "cuda".
+
+    Returns:
+        The function to time (for torch.compile: the one to compile, so that the graph holds the autocast).
+    """
+    if dtype not in AUTOCAST:
+        return fn
+
+    def autocast_fn(*inputs):
+        with torch.autocast(device_type=device, dtype=AUTOCAST[dtype]):
+            return fn(*inputs)
+
+    return autocast_fn
 
 
 def _tokens(shape, dtype, device, gen, requires_grad: bool) -> torch.Tensor:
@@ -55,7 +90,9 @@ class Op:
     """``fused(*inputs)``: fastpatchdiv's scalar loss; ``reference(*inputs)``: the naive per-image losses;
     ``min_bytes(B, N, D, itemsize, mode)``: the traffic an O(N·D) op cannot avoid (None: a compute-bound op,
     charged its ``COST`` in units of ``unit(B, N, D)`` multiply-adds); ``naive_bytes(case)``: the naive
-    form's memory on CPU (what decides "oom" before a run); ``check_n(N)``: why an N cannot run."""
+    form's memory on CPU (what decides "oom" before a run); ``check_n(N)``: why an N cannot run;
+    ``autocast_inputs``: the indices of the inputs that an "amp-*" case gives in the autocast dtype (the patch
+    embedding's output; the others stay in full precision, as the final norm's tokens and the parameters do)."""
 
     name: str
     fused: Callable
@@ -66,6 +103,7 @@ class Op:
     unit: Callable[[int, int, int], float] = _pairs
     unit_label: str = "N²·D"
     naive_bytes: Callable = _pair_matrices
+    autocast_inputs: tuple[int, ...] = ()
 
     @property
     def rate_unit(self) -> str:
@@ -76,7 +114,7 @@ class Op:
 def _contrastive(negatives: str, **kw) -> Op:
     fused = lambda a, z: fastpatchdiv.patch_contrastive_loss(a, z, negatives=negatives)  # noqa: E731
     naive = lambda a, z: reference.contrastive_loss_reference(a, z, negatives=negatives)  # noqa: E731
-    return Op(f"contrastive-{negatives}", fused, naive, first_last, **kw)
+    return Op(f"contrastive-{negatives}", fused, naive, first_last, autocast_inputs=(0,), **kw)
 
 
 def _square(n: int) -> str | None:
@@ -122,6 +160,19 @@ OPS: dict[str, Op] = {
     )
 }
 
+
+def make_inputs(op: str, B: int, N: int, D: int, dtype: str, device: str, gen: torch.Generator) -> tuple:
+    """The inputs of ``op`` at a case's shape and dtype name: ``Op.make_inputs`` in ``DTYPES[dtype]``, then for
+    an "amp-*" dtype the ``Op.autocast_inputs`` cast to the autocast dtype (drawn in fp32 first, so that an
+    "amp-bf16" case's values are the fp32 case's, rounded)."""
+    inputs = OPS[op].make_inputs(B, N, D, DTYPES[dtype], device, gen)
+    if dtype not in AUTOCAST:
+        return inputs
+    low = set(OPS[op].autocast_inputs)
+    cast = lambda t: t.detach().to(AUTOCAST[dtype]).requires_grad_(t.requires_grad)  # noqa: E731
+    return tuple(cast(t) if i in low else t for i, t in enumerate(inputs))
+
+
 # The cost model: multiply-adds (MACs) each provider's path actually performs per image, in units of N²·D,
 # as (forward, backward), each a number or a function of the case; full = both. "forward" is a training
 # step's (grad enabled): fastpatchdiv's PyTorch path forms the gradient there from the same tiles, so its
@@ -134,7 +185,8 @@ def _dz_chunks(case: Case) -> int:
     (kernels/contrastive.py, pick_blocks; its compiled tiles, not the interpreter's)."""
     from fastpatchdiv.kernels.contrastive import pick_blocks
 
-    return math.ceil(case.D / pick_blocks(case.D, DTYPES[case.dtype], interpreter=False).block_dv)
+    dtype = DTYPES[compute_dtype(case.dtype)]  # under autocast: the tiles of the autocast dtype
+    return math.ceil(case.D / pick_blocks(case.D, dtype, interpreter=False).block_dv)
 
 
 def _cpu_triangle(case: Case) -> float:
@@ -246,14 +298,13 @@ def default_sweep(device: str, kind: str = "default") -> Sweep:
         limits = (("torch", 4096, _REFERENCES), ("torch.compile", 4096, _REFERENCES), ("keops", 0, _KEOPS_CPU))
         short = dict(cpu_budget_s=0.2, long_call_s=2.5, max_n=limits, tokens=16384)
         return Sweep(device, "default", modes=("full",), ns=(196, 576, 4096, 16384), ds=(384,), **short)
-    if kind == "default":
-        return Sweep(
-            device, "default", modes=("full",), ns=(196, 576, 4096, 16384, 65536), ds=(384,), dtypes=("fp32", "bf16")
-        )
+    if kind == "default":  # amp-bf16: the setting a timm ViT trains in (see AUTOCAST)
+        amp = ("amp-bf16", "fp32", "bf16")
+        return Sweep(device, "default", modes=("full",), ns=(196, 576, 4096, 16384, 65536), ds=(384,), dtypes=amp)
     if cpu:  # D = 768 only at N = 196 (ViT-B/16 at 224 px)
         caps = dict(time_cap_s=1.0, long_cap_s=90.0, peer_cap_s=30.0)
         return Sweep(device, "full", tokens=16384, d_max_n=((768, 196),), **caps)
-    return Sweep(device, "full", dtypes=("fp32", "bf16", "fp16"))
+    return Sweep(device, "full", dtypes=("amp-bf16", "fp32", "bf16", "fp16"))
 
 
 def implements(provider: str, op: str) -> bool:
@@ -279,7 +330,7 @@ def precheck(case: Case, sweep: Sweep) -> tuple[str, str] | None:
         return "skipped", reason
     if why := next((w for p, n, w in sweep.max_n if p == case.provider and case.N > n), None):
         return "skipped", why
-    if case.device == "cpu" and case.dtype != "fp32":
+    if case.device == "cpu" and case.dtype not in CPU_DTYPES:
         return "skipped", f"{case.dtype} is benchmarked on CUDA only"
     need = OPS[case.op].naive_bytes(case)
     if case.device == "cpu" and case.provider in NAIVE and need > sweep.mem_cap_gib * 2**30:
@@ -348,9 +399,8 @@ def workload(case: Case, fn: Callable, rotate: bool = False) -> Workload:
     and times ``loss.backward(retain_graph=True)`` on one set (more would keep more N x N graphs alive)."""
     gen, dtype = torch.Generator(device=case.device).manual_seed(0), DTYPES[case.dtype]
     rotate = rotate and case.mode != "backward" and case.B * case.N * case.D * dtype.itemsize <= 2**28
-    sets = [
-        OPS[case.op].make_inputs(case.B, case.N, case.D, dtype, case.device, gen) for _ in range(3 if rotate else 1)
-    ]
+    shape = (case.op, case.B, case.N, case.D, case.dtype, case.device)
+    sets = [make_inputs(*shape, gen) for _ in range(3 if rotate else 1)]
     grads, order = [t for s in sets for t in s if t.requires_grad], itertools.cycle(sets)
     if case.mode == "backward":
         loss = fn(*sets[0])

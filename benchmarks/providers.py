@@ -14,11 +14,11 @@ import warnings
 
 import torch
 
-from benchmarks.cases import DTYPES, OPS, PEERS, Case, remember
+from benchmarks.cases import AUTOCAST, OPS, PEERS, Case, make_inputs, remember, under_autocast
 
 # Relative error allowed against the float64 reference (of the loss and of each gradient, in norm): far above
 # fp32 rounding and Inf-CL's TF32 gradient tiles, far below what a wrong formula gives.
-TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
+TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2, "amp-bf16": 5e-2}
 INSTALL = 'pip install -e ".[peers]"'
 
 
@@ -79,6 +79,8 @@ PEER_FORMS[("inf-cl", "contrastive-all")] = infcl_all
 def unavailable(case: Case) -> tuple[str, str] | None:
     """("skipped", why) when ``case.provider`` cannot run ``case`` here (not installed, device, dtype); None if
     it can."""
+    if case.provider in PEERS and case.dtype in AUTOCAST:
+        return "skipped", "the autocast case compares fastpatchdiv with the naive formula, eager and compiled"
     if case.provider == "keops":
         if not importlib.util.find_spec("pykeops"):
             return "skipped", f"pykeops is not installed ({INSTALL})"
@@ -98,7 +100,8 @@ def unavailable(case: Case) -> tuple[str, str] | None:
 
 class Providers:
     """The scalar loss of each case, ``fn(*inputs) -> ()``: torch.compile is probed once (no C++ compiler: every
-    compile case is skipped with that reason) and compiles once per shape; a peer is checked once per shape."""
+    compile case is skipped with that reason) and compiles once per shape; a peer is checked once per shape. An
+    "amp-*" case's function runs under its autocast (torch.compile compiles the function that enters it)."""
 
     def __init__(self):
         self._compiled: tuple = (None, None)
@@ -108,11 +111,13 @@ class Providers:
     def loss_fn(self, case: Case):
         op = OPS[case.op]
         if case.provider in ("fastpatchdiv", *PEERS):
-            return op.fused if case.provider == "fastpatchdiv" else PEER_FORMS[(case.provider, case.op)]
+            fn = op.fused if case.provider == "fastpatchdiv" else PEER_FORMS[(case.provider, case.op)]
+            return under_autocast(fn, case.dtype, case.device)
 
-        def naive(*xs):
+        def reference_mean(*xs):
             return op.reference(*xs).mean()
 
+        naive = under_autocast(reference_mean, case.dtype, case.device)
         if case.provider == "torch":
             return naive
         if self._compile_broken is None:
@@ -140,7 +145,7 @@ class Providers:
         first = not any(k[:3] == case.shape_key[:3] and k[5:] == case.shape_key[5:] for k in self._checked)
         n = min(case.N, 256)
         b = max(1, min(case.B, 2**16 // n**2))
-        inputs = OPS[case.op].make_inputs(b, n, case.D, DTYPES[case.dtype], case.device, torch.Generator(case.device))
+        inputs = make_inputs(case.op, b, n, case.D, case.dtype, case.device, torch.Generator(case.device))
         calls = []
         for _ in range(2 if first else 1):
             for t in inputs:

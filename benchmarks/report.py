@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
-from benchmarks.cases import MODES, OPS, PROVIDERS
+from benchmarks.cases import AUTOCAST, MODES, OPS, PROVIDERS, compute_dtype
 
 SHORT = {"oom": "OOM", "skipped": "skip", "error": "error"}
 COLORS = {"fastpatchdiv": "C0", "torch": "C1", "torch.compile": "C2", "keops": "C3", "inf-cl": "C4"}
@@ -30,6 +30,21 @@ def write_all(records: list[dict], out: Path, config: dict) -> list[Path]:
     for (metric, dtype, d), path in zip(keys, pngs, strict=True):  # last: the tables survive a plotting error
         _grid(records, metric, dtype, d, path)
     return [out / "results.json", out / "results.md", out / "summary.md", *pngs]
+
+
+DTYPE_ORDER = ["fp32", "bf16", "fp16", *AUTOCAST]
+
+
+def autocast_note(dtype: str) -> str:
+    """For an "amp-*" dtype, a sentence saying what its inputs and autocast were; else ""."""
+    if dtype not in AUTOCAST:
+        return ""
+    low = compute_dtype(dtype)
+    return (
+        f" {dtype}: every provider's loss under torch.autocast({low}), its backward outside; `last` (cosine: its "
+        f"input) in fp32 as a ViT's final LayerNorm gives it under autocast, `first` in {low} as the patch "
+        f"embedding gives it; % of peak of the {low} matmul rate."
+    )
 
 
 def _cases(records, **match) -> list[dict]:
@@ -136,12 +151,12 @@ def summary(records: list[dict]) -> list[str]:
     providers = _ordered([r["provider"] for r in recs], PROVIDERS)
     ns = sorted({r["N"] for r in recs})
     lines = []
-    for dtype in _ordered([r["dtype"] for r in recs], ["fp32", "bf16", "fp16"]):
+    for dtype in _ordered([r["dtype"] for r in recs], DTYPE_ORDER):
         lines += [
             f"Forward + backward, {dtype}, D = {d}, on {env['device_name']} (torch {env['torch_version']}, triton "
             f"{env['triton_version']}, {env['date'][:10]}). Time in ms (median); speed-up = other's time / "
             "fastpatchdiv's; memory = peak above the inputs; % of peak = of the best matmul rate (O(N·D) ops: copy "
-            "bandwidth) measured in the run, for the work fastpatchdiv's path does.",
+            "bandwidth) measured in the run, for the work fastpatchdiv's path does." + autocast_note(dtype),
             "",
         ]
         header = ["op", "N", "B"] + [f"{p} ms" for p in providers] + [f"speed-up vs {p}" for p in providers[1:]]
@@ -198,6 +213,7 @@ def markdown(records: list[dict], config: dict, pngs: list[str] = (), table: lis
         unit = OPS[op].rate_unit
         bound = f"compute-bound, O({OPS[op].unit_label})" if OPS[op].min_bytes is None else "memory-bound, O(N·D)"
         lines += [f"## {op} · {dtype} · D={d} ({bound})", ""]
+        lines += [autocast_note(dtype).strip(), ""] if dtype in AUTOCAST else []
         for mode in _ordered([r["mode"] for r in mine], list(MODES)):
             key, ns = (op, mode, dtype, d), sorted({r["N"] for r in mine if r["mode"] == mode})
             head = ["N", "B"] + [f"{p} ms" for p in providers] + [f"speed-up vs {p}" for p in others]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cases, memory
-from benchmarks.cases import DTYPES, OPS, Case, Sweep, Workload, workload
+from benchmarks.cases import DTYPES, OPS, Case, Sweep, Workload, compute_dtype, workload
 from benchmarks.providers import Providers, first_line, unavailable
 
 RECORD_KEYS = tuple(
@@ -133,12 +133,14 @@ class Runner:
 
     def ceilings(self, when: str) -> list[dict]:
         """A round of ceilings: the fp32 copy bandwidth and each dtype's matmul rate, >= 10 calls each on CPU.
-        ``finish`` divides by the best call over every round: load only ever slows a call."""
+        ``finish`` divides by the best call over every round: load only ever slows a call. An "amp-*" case's
+        ceiling is its autocast dtype's. On CPU only fp32's: without AVX-512 a bf16 matmul is emulated (2048³:
+        over 100 s on this VM's EPYC, against 0.3 s in fp32), so an "amp-*" case has no CPU ceiling."""
         dev, out = self.sweep.device, []
         n, nbytes = (4096, 2**30) if dev == "cuda" else (2048, 2**28)
         x, y = torch.randn(nbytes // 4, device=dev), torch.empty(nbytes // 4, device=dev)
         runs = [("peak-copy", "fp32", "GB/s", 2 * nbytes / 1e9, lambda: y.copy_(x), "y.copy_(x), read + written")]
-        for dtype in self.sweep.dtypes if dev == "cuda" else ("fp32",):
+        for dtype in dict.fromkeys(map(compute_dtype, self.sweep.dtypes)) if dev == "cuda" else ("fp32",):
             a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
             runs.append(("peak-matmul", dtype, "TFLOP/s", 2 * n**3 / 1e12, lambda a=a, b=b: a @ b, f"a @ b, {n}³"))
         sweep = dataclasses.replace(self.sweep, cpu_budget_s=max(self.sweep.cpu_budget_s, 2.0), cpu_min_reps=10)
@@ -231,10 +233,13 @@ class Runner:
         model or the ceiling is wrong for that case: flagged as an anomaly, not a result."""
         out = []
         for r in (r for r in records if r["metric"] == "throughput" and r["op"] in OPS):
-            peak = self.best.get((r["dtype"] if r["unit"] == "TFLOP/s" else "fp32", r["unit"]))
+            dtype = compute_dtype(r["dtype"]) if r["unit"] == "TFLOP/s" else "fp32"
+            peak = self.best.get((dtype, r["unit"]))
             roof = {**r, "metric": "roofline", "unit": "fraction", "samples": None}
             if r["status"] != "ok" or not peak:
-                out.append(roof if peak else {**roof, "status": "skipped", "note": f"no {r['unit']} ceiling"})
+                no_peak = {**roof, "status": "skipped", "note": f"no {dtype} {r['unit']} ceiling measured"}
+                no_peak.update(median=None, p20=None, p80=None)  # not the throughput's values
+                out.append(roof if peak else no_peak)
                 continue
             note = f"of the best {'matmul rate' if r['unit'] == 'TFLOP/s' else 'copy bandwidth'} of the run"
             note = f"{ANOMALY if r['median'] > peak else ''}{note}, {peak:.3g} {r['unit']}"

@@ -196,3 +196,56 @@ def test_pytest_benchmark_entry_point_runs_the_cli_cases():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "6 passed" in proc.stdout and "1 skipped" in proc.stdout, proc.stdout[-1000:]  # inf-cl: CUDA only
+
+
+def test_autocast_case_runs_on_cpu_under_autocast(tmp_path):
+    """The "amp-bf16" case (issue 18 item 9): `first` bf16 and `last` fp32 as a timm ViT gives them under
+    autocast, every provider's loss under torch.autocast(bfloat16), timed beside the naive formula and
+    torch.compile of it; its report section says so, and its ceiling is the bf16 matmul rate."""
+    import torch
+
+    from benchmarks import cases, providers, report, runner
+    from fastpatchdiv.reference import contrastive_loss_reference
+
+    gen = torch.Generator().manual_seed(0)
+    first, last = cases.make_inputs("contrastive-all", 2, 16, 8, "amp-bf16", "cpu", gen)
+    assert (first.dtype, first.requires_grad) == (torch.bfloat16, False)  # the patch embedding's output
+    assert (last.dtype, last.requires_grad) == (torch.float32, True)  # the final LayerNorm's
+    (x,) = cases.make_inputs("cosine", 2, 16, 8, "amp-bf16", "cpu", gen)
+    assert x.dtype == torch.float32 and x.requires_grad
+    assert {t.dtype for t in cases.make_inputs("mixing", 2, 16, 8, "amp-bf16", "cpu", gen)[:3]} == {torch.float32}
+
+    # the naive provider runs its matmul in bf16: the value of the formula under autocast, not the fp32 one
+    naive = providers.Providers().loss_fn(cases.Case("contrastive-all", "torch", "full", "amp-bf16", 2, 16, 8, "cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_value = contrastive_loss_reference(first, last, negatives="all").mean()
+    fp32_value = contrastive_loss_reference(first.float(), last, negatives="all").mean()
+    assert torch.equal(naive(first, last), amp_value) and not torch.equal(amp_value, fp32_value)
+
+    for peer in cases.PEERS:
+        status, note = providers.unavailable(cases.Case("contrastive-all", peer, "full", "amp-bf16", 2, 16, 8, "cpu"))
+        assert status == "skipped" and "autocast" in note
+
+    # torch.compile (~10 s to compile here) for the mixed-dtype op only; eager for both
+    todo = [
+        cases.Case(op, p, "full", "amp-bf16", 2, 64, 32, "cpu")
+        for op, p in [("cosine", "fastpatchdiv"), ("cosine", "torch")]
+        + [("contrastive-all", p) for p in ("fastpatchdiv", "torch", "torch.compile")]
+    ]
+    sweep = cases.Sweep("cpu", dtypes=("amp-bf16",), measure_memory=False, cpu_budget_s=0.02, cpu_max_reps=3)
+    assert cases.precheck(todo[0], sweep) is None  # CPU autocast runs it (16-bit inputs alone are CUDA only)
+    providers.setup("cpu")
+    run = runner.Runner(sweep, runner.environment("cpu"))
+    records = [r for case in todo for r in run.run(case)]
+    assert all(r["status"] == "ok" for r in records if r["metric"] == "time"), records
+    cpu = run.finish(records)
+    # no bf16 ceiling on CPU (an emulated bf16 matmul there); given one, the roofline is of the bf16 rate
+    assert {r["note"] for r in cpu if r["metric"] == "roofline"} == {"no bf16 TFLOP/s ceiling measured"}
+    run.best[("bf16", "TFLOP/s")] = 1e3
+    roofs = [r for r in run.finish(records) if r["metric"] == "roofline"]
+    assert all(r["status"] == "ok" and "1e+03 TFLOP/s" in r["note"] for r in roofs), roofs
+
+    _check_records(cpu)
+    report.write_all(cpu, tmp_path, {"command": "test", "sweep": {"tokens": 128}})
+    md = (tmp_path / "results.md").read_text()
+    assert "## contrastive-all · amp-bf16 · D=32" in md and "under torch.autocast(bf16)" in md, md[:3000]
