@@ -340,3 +340,24 @@ def test_timm_attach_is_the_same_entry_point():
     import fastpatchdiv.timm
 
     assert fastpatchdiv.timm.attach is fastpatchdiv.attach
+
+
+def test_readme_hugging_face_trainer_compute_loss():
+    """The README's Trainer subclass: its compute_loss run on a ViTForImageClassification (no Trainer built)."""
+    import re
+    import types
+
+    model, x = _model("hf_vit")
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text[text.index("### Hugging Face Trainer") :]
+    example = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    namespace = {"fastpatchdiv": fastpatchdiv}
+    exec(compile(example, "README.md", "exec"), namespace)
+    trainer = types.SimpleNamespace(div=fastpatchdiv.attach(model, cosine_weight=1.0, contrastive_weight=0.5))
+    inputs = {"pixel_values": x, "labels": torch.tensor([1, 2, 3])}
+    loss = namespace["DiversityTrainer"].compute_loss(trainer, model, inputs)
+    first, last = _tokens_by_hand("hf_vit", model, x)
+    expected, _ = _reference(first, last, cosine_weight=1.0, contrastive_weight=0.5)
+    assert_close(loss, model(**inputs).loss.double() + expected, F32, "Trainer.compute_loss")
+    model.eval()
+    assert_close(namespace["DiversityTrainer"].compute_loss(trainer, model, inputs), model(**inputs).loss, F32, "eval")

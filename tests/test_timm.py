@@ -720,7 +720,8 @@ def test_readme_trainer_examples_run():
     start = text.index("## Use it in your trainer")
     section = text[start : text.index("\n## ", start + 1)]
     examples = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(examples) == 2, "the section shows the two-line loop, then the mixing loss"
+    assert len(examples) == 3, "the section shows the two-line loop, the mixing loss, the Hugging Face Trainer"
+    compile(examples[2], "README.md", "exec")  # needs a Trainer to run: tests/test_families.py runs its body
     namespace: dict = {}
     exec(compile(examples[0], "README.md", "exec"), namespace)
     assert namespace["loss"].isfinite()
