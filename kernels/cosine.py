@@ -3,27 +3,41 @@
 Per image, X is (N, D), x̂_i = x_i / max(|x_i|, eps), S = X̂ X̂ᵀ and, with N_b real patches (all N
 without a mask),
     loss = c_b · Σ_{i≠j} |S_ij|,   c_b = 1/(N_b(N_b − 1)) (0 when N_b < 2).
-- ``_normalize_kernel``: writes X̂ (in the input dtype, for the tensor cores) and |x_i|; masked rows
-  get x̂ = 0, so every later tile ignores them for free (|0| adds nothing, sign(0) = 0).
-- ``_cosine_fwd_kernel``: tiles (I, J) with J >= I only (S is symmetric): an off-diagonal tile counts
-  twice, a diagonal tile masks i = j. Persistent programs walk the triangle of tiles and each writes
-  its own fp64 partial sum: deterministic, no atomics, and nothing N x N anywhere.
-- ``_cosine_bwd_kernel``: G = 2c · (sign(S) ∘ offdiag) X̂. A program owns row block I, keeps X̂_I and
-  G_I resident and streams every column block J, recomputing the S tile (FlashAttention's backward
-  shape): each G_I has exactly one writer, so the result is bitwise reproducible. The epilogue goes
-  back through the normalisation in fp32 from the original x:
-  dx_i = (g_i − (g_i·x̂_i) x̂_i) / |x_i|, or g_i / eps where the norm was clamped; 0 for masked rows.
-Work: forward N²·D/2 multiply-adds per image, backward 2·N²·D (recompute S, then sign(S) X̂).
-"""
+- ``_normalize_kernel``: writes X̂ in the operand dtype (the tensor cores') and |x_i|; masked rows get
+  x̂ = 0, so every later tile ignores them for free (|0| adds nothing, sign(0) = 0).
+- ``_cosine_fwd_kernel`` (the loss alone, when no gradient is needed): tiles (I, J) with J >= I only (S
+  is symmetric): an off-diagonal tile counts twice, a diagonal tile masks i = j. N²·D/2 multiply-adds.
+- With a gradient, row strips (``shared/DESIGN.md``, "Row strips"): ``_cosine_strip_kernel`` computes a
+  strip of rows of S against every column, sums |S| and writes sign(S) (int8, 0 on the diagonal and
+  for masked patches) to a scratch of rows x N; ``strip_gemm`` then forms G = sign(S) X̂ on the tensor
+  cores. N²·D + N²·D multiply-adds for the loss and G together, against 2.5·N²·D for a symmetric forward
+  plus a backward that recomputes S. The loss's upstream gradient is one scalar per image, so the
+  backward only scales G (and goes back through the normalisation, in ``fastpatchdiv/cosine.py``).
 
-from dataclasses import dataclass
+Why strips and not a FlashAttention-shaped backward: that keeps G_I (BLOCK_M x D, fp32) resident, 96 KB
+at D = 384 and 192 KB at D = 768 for wgmma's 64 rows: it spills, or shrinks BLOCK_M below wgmma's 64, or
+splits D across programs and recomputes S once per chunk. The strip GEMM is tensor-core shaped at any D;
+its price is the scratch traffic, 2 bytes per score against 2·D multiply-adds per score.
+Every output has one writer and every partial sum is reduced in a fixed order: bitwise reproducible.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
 from fastpatchdiv.kernels import INTERPRETER
-from fastpatchdiv.kernels._utils import MIN_DOT, check_image_offsets, compile_options, num_programs_cap
+from fastpatchdiv.kernels._utils import (
+    MIN_DOT,
+    LaunchPlan,
+    check_image_offsets,
+    column_splits,
+    launch,
+    launch_target,
+    operand_dtype,
+    score_plan,
+    strip_rows,
+)
+from fastpatchdiv.kernels.strip_gemm import strip_gemm
 
 EPS = 1e-12
 
@@ -151,154 +165,178 @@ def _cosine_fwd_kernel(
 
 
 @triton.jit
-def _cosine_bwd_kernel(
-    x_ptr,
+def _cosine_strip_kernel(
     xhat_ptr,
-    norm_ptr,
-    scale_ptr,
-    dx_ptr,
+    sign_ptr,
+    partial_ptr,
     N,
     D,
-    stride_xb,
-    stride_xn,
-    stride_xd,
-    EPS: tl.constexpr,
+    ROW0,
+    R,
+    COLS_PER_SPLIT,
+    stride_sb,
+    stride_sm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B): dx_I = back through the normalisation of scale_b · Σ_J sign(S_IJ) X̂_J
-    (i ≠ j), scale_b = 2 c_b · dL/dloss_b. BLOCK_D covers all of D: G_I stays resident in registers.
-    A masked row has x̂ = 0, so its G is 0; the launcher zeroes its dx (its x may hold anything)."""
-    tl.static_assert(BLOCK_M >= MIN_DOT and BLOCK_N >= MIN_DOT and BLOCK_D >= MIN_DOT)
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    base = xhat_ptr + b * N * D
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    d_ok = dims < D
-    tile_ok = row_ok[:, None] & d_ok[None, :]
+    """Grid (cdiv(R, BLOCK_M), splits, images): rows ROW0 .. ROW0 + R of image g against the columns of
+    split s. Writes sign(S_ij) (i ≠ j) to ``sign[g, i − ROW0, j]`` (int8) and Σ |S_ij| of the program to
+    ``partial[g, s, row block]`` (fp64)."""
+    tl.static_assert(BLOCK_M >= MIN_DOT and BLOCK_N >= MIN_DOT and BLOCK_K >= MIN_DOT)
+    g = tl.program_id(2).to(tl.int64)
+    base = xhat_ptr + g * N * D
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = ROW0 + local
+    row_ok = (local < R) & (rows < N)
+    offs_k = tl.arange(0, BLOCK_K)
+    c_start = tl.program_id(1) * COLS_PER_SPLIT
+    c_end = tl.minimum(N, c_start + COLS_PER_SPLIT)
 
-    # Padding rows and features load as 0: they add nothing to S or to G.
-    xi = tl.load(base + rows[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
-    if UPCAST:
-        xi = xi.to(tl.float32)
-    g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        xj = tl.load(base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            xj = xj.to(tl.float32)
-        s = tl.dot(xi, tl.trans(xj), input_precision=PRECISION)
-        keep = col_ok[None, :] & (rows[:, None] != cols[None, :])
-        # sign(0) = 0, as torch's |.| backward gives; a NaN cosine contributes through X̂_j's NaN.
-        sgn = tl.where(keep & (s > 0), 1.0, 0.0) - tl.where(keep & (s < 0), 1.0, 0.0)
-        g = tl.dot(sgn.to(xj.dtype), xj, g, input_precision=PRECISION)
-
-    # Back through x̂ = x / max(|x|, eps), in fp32 from the original x.
-    g = g * tl.load(scale_ptr + b)
-    x = tl.load(
-        x_ptr + b * stride_xb + rows[:, None] * stride_xn + dims[None, :] * stride_xd, mask=tile_ok, other=0.0
-    ).to(tl.float32)
-    norm = tl.load(norm_ptr + b * N + rows, mask=row_ok, other=1.0)
-    clamped = norm < EPS
-    r = tl.where(clamped, EPS, norm)
-    xh = x / r[:, None]
-    proj = tl.sum(g * xh, axis=1)
-    dx = tl.where(clamped[:, None], g, g - proj[:, None] * xh) / r[:, None]
-    tl.store(dx_ptr + (b * N + rows[:, None]) * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+    total = tl.zeros([BLOCK_M], dtype=tl.float64)
+    for c0 in range(c_start, c_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < c_end
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < D
+            # Padding loads as 0: a zero feature adds nothing to a dot product.
+            a = tl.load(base + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(base + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bt = bt.to(tl.float32)
+            s = tl.dot(a, bt, s, input_precision=PRECISION)
+        keep = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+        # A tile's row sums stay fp32 (BLOCK_N terms); across tiles they add up in fp64.
+        total += tl.sum(tl.where(keep, tl.abs(s), 0.0), axis=1).to(tl.float64)
+        # sign(0) = 0, as torch's |.| backward gives; a NaN cosine reaches G through X̂_j's NaN.
+        sgn = tl.where(keep & (s > 0), 1, 0) - tl.where(keep & (s < 0), 1, 0)
+        out = sign_ptr + g * stride_sb + local[:, None] * stride_sm + cols[None, :]
+        tl.store(out, sgn.to(tl.int8), mask=row_ok[:, None] & col_ok[None, :])
+    slot = (g * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(partial_ptr + slot, tl.sum(total, axis=0))
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Block sizes and launch options, picked by rule (no timing-based autotune, so every process picks
-    the same and results are bitwise reproducible). The rules are compiled for sm_80 and sm_90, spills
-    checked, in the tests."""
-
-    norm_m: int
-    norm_d: int
-    fwd: int
-    fwd_k: int
-    bwd_m: int
-    bwd_n: int
-    bwd_d: int
-    num_warps: int
-    num_stages: int
-
-
-def pick_blocks(n: int, d: int, dtype: torch.dtype, interpreter: bool = INTERPRETER) -> Blocks:
-    bwd_d = max(MIN_DOT.value, triton.next_power_of_2(d))
-    if interpreter:
-        # Every program instance costs milliseconds there: the smallest legal tiles keep tests short
-        # while still crossing tile edges.
-        tile = MIN_DOT.value
-        return Blocks(16, min(64, bwd_d), tile, tile, tile, tile, bwd_d, 1, 1)
-    fp32 = dtype == torch.float32
-    fwd = 64 if n > 32 else max(MIN_DOT.value, triton.next_power_of_2(n))
-    # The backward keeps X̂_I and a BLOCK_M x BLOCK_D fp32 accumulator resident. These are the largest
-    # tiles that ptxas fits without spilling at 8 warps on both sm_80 and sm_90 (16-bit at BLOCK_D <= 128
-    # gets wgmma, M = 64); test_kernels_compile_for_cuda keeps the spill count at 0.
-    if fp32:
-        bwd_m, bwd_n = {64: (32, 64), 128: (32, 32), 256: (32, 32), 512: (16, 32)}.get(max(64, bwd_d), (16, 16))
-    else:
-        bwd_m, bwd_n = {64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (32, 64)}.get(max(64, bwd_d), (16, 32))
-    return Blocks(
-        norm_m=16,
-        norm_d=min(256, bwd_d),
-        fwd=fwd,
-        fwd_k=32 if fp32 else 64,
-        bwd_m=bwd_m,
-        bwd_n=bwd_n,
-        bwd_d=bwd_d,
-        num_warps=8,
-        num_stages=2,
+def pick_blocks(operands: str, target) -> dict[str, LaunchPlan]:
+    """The launch plan of each kernel: score tiles by ``score_plan``; the normalisation streams rows."""
+    norm = LaunchPlan(16, 16, 16, num_warps=1, num_stages=1) if target.arch == 0 else LaunchPlan(16, 256, 16, 4, 1)
+    return dict(
+        normalize=norm,
+        triangle=score_plan(operands, target, square=True),
+        strip=score_plan(operands, target, stores_tile=True),
     )
+
+
+def _normalize(x: torch.Tensor, mask: torch.Tensor | None, operands: str, plan: LaunchPlan) -> torch.Tensor:
+    B, N, D = x.shape
+    xhat = torch.empty((B, N, D), dtype=operand_dtype(operands), device=x.device)
+    norm = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    mask_arg = mask.contiguous() if mask is not None else norm  # any pointer: HAS_MASK=False never reads it
+    launch(
+        _normalize_kernel,
+        (triton.cdiv(N, plan.block_m), B),
+        x,
+        mask_arg,
+        xhat,
+        norm,
+        N,
+        D,
+        *x.stride(),
+        HAS_MASK=mask is not None,
+        EPS=EPS,
+        BLOCK_M=plan.block_m,
+        BLOCK_D=min(plan.block_n, max(16, triton.next_power_of_2(D))),
+        **plan.options(),
+    )
+    return xhat
+
+
+def _loss_only(xhat: torch.Tensor, operands: str, plan: LaunchPlan, target) -> torch.Tensor:
+    """Σ_{i≠j} |S_ij| per image (B,) fp64 from the upper triangle of tiles."""
+    B, N, D = xhat.shape
+    nb = triton.cdiv(N, plan.block_m)
+    num_tiles = nb * (nb + 1) // 2
+    progs = max(1, min(num_tiles, triton.cdiv(2 * target.sms, B)))
+    partial = torch.empty((B, progs), dtype=torch.float64, device=xhat.device)
+    dpad = triton.cdiv(D, plan.block_k) * plan.block_k
+    launch(
+        _cosine_fwd_kernel,
+        (progs, B),
+        xhat,
+        partial,
+        N,
+        D,
+        num_tiles,
+        BLOCK=plan.block_m,
+        BLOCK_K=plan.block_k,
+        macs=B * num_tiles * plan.block_m**2 * dpad,
+        operands=operands,
+        **plan.options(operands),
+    )
+    return partial.sum(dim=1)
+
+
+def _loss_and_g(xhat: torch.Tensor, operands: str, plan: LaunchPlan, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{i≠j} |S_ij| per image (B,) fp64, G = sign(S) X̂ (B, N, D) fp32), strip by strip."""
+    B, N, D = xhat.shape
+    group, rows = strip_rows(B, N, 1, plan.block_m, target)
+    sums = torch.zeros(B, dtype=torch.float64, device=xhat.device)
+    g = torch.empty((B, N, D), dtype=torch.float32, device=xhat.device)
+    sign = torch.empty((group, rows, N), dtype=torch.int8, device=xhat.device)
+    dpad = triton.cdiv(D, plan.block_k) * plan.block_k
+    for b0 in range(0, B, group):
+        b1 = min(B, b0 + group)
+        for r0 in range(0, N, rows):
+            r = min(rows, N - r0)
+            row_blocks = triton.cdiv(r, plan.block_m)
+            per_split = column_splits(target, row_blocks * (b1 - b0), N, plan.block_n)
+            splits = triton.cdiv(N, per_split)
+            partial = torch.empty((b1 - b0, splits, row_blocks), dtype=torch.float64, device=xhat.device)
+            launch(
+                _cosine_strip_kernel,
+                (row_blocks, splits, b1 - b0),
+                xhat[b0:b1],
+                sign,
+                partial,
+                N,
+                D,
+                r0,
+                r,
+                per_split,
+                *sign.stride()[:2],
+                BLOCK_M=plan.block_m,
+                BLOCK_N=plan.block_n,
+                BLOCK_K=plan.block_k,
+                macs=(b1 - b0) * row_blocks * triton.cdiv(N, plan.block_n) * plan.block_m * plan.block_n * dpad,
+                operands=operands,
+                **plan.options(operands),
+            )
+            sums[b0:b1] += partial.sum(dim=(1, 2))
+            strip_gemm(sign[: b1 - b0, :r], xhat[b0:b1], g[b0:b1, r0 : r0 + r], False, operands, target)
+    return sums, g
 
 
 def cosine_forward(
-    x: torch.Tensor, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) fp32/fp16/bf16, any strides, CUDA or CPU under the interpreter; mask: (B, N) bool or None.
+    x: torch.Tensor, mask: torch.Tensor | None, operands: str, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every kernel of the cosine loss, forward and (with ``need_grad``) backward.
 
-    Returns (Σ_{i≠j} |S_ij| per image (B,) fp64, xhat (B, N, D) contiguous in x.dtype, norm (B, N) fp32).
+    x: (B, N, D) fp32/fp16/bf16, any strides, CUDA (or CPU under the interpreter, or meta under the static
+    report); mask: (B, N) bool or None; operands: "fp32", "tf32", "bf16" or "fp16", the dtype and
+    precision of the matrix work. Returns (Σ_{i≠j} |S_ij| per image, (B,) fp64; G = Σ_j sign(S_ij) x̂_j
+    over j ≠ i, (B, N, D) fp32, or None without ``need_grad``). No host synchronisation.
     """
-    B, N, D = x.shape
     check_image_offsets(x)
-    blk = pick_blocks(N, D, x.dtype)
-    xhat = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    norm = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    mask_arg = mask.contiguous() if mask is not None else norm  # any pointer: HAS_MASK=False never reads it
-    tiles = dict(BLOCK_M=blk.norm_m, BLOCK_D=blk.norm_d)
-    _normalize_kernel[(triton.cdiv(N, blk.norm_m), B)](
-        x, mask_arg, xhat, norm, N, D, *x.stride(), HAS_MASK=mask is not None, EPS=EPS, **tiles
-    )
-    nb = triton.cdiv(N, blk.fwd)
-    num_tiles = nb * (nb + 1) // 2
-    progs = max(1, min(num_tiles, triton.cdiv(num_programs_cap(x.device), B)))
-    partial = torch.empty((B, progs), dtype=torch.float64, device=x.device)
-    options = compile_options(x.dtype, blk.num_warps, blk.num_stages)
-    _cosine_fwd_kernel[(progs, B)](xhat, partial, N, D, num_tiles, BLOCK=blk.fwd, BLOCK_K=blk.fwd_k, **options)
-    return partial.sum(dim=1), xhat, norm
+    target = launch_target(x.device)
+    plans = pick_blocks(operands, target)
+    xhat = _normalize(x, mask, operands, plans["normalize"])
+    if not need_grad:
+        return _loss_only(xhat, operands, plans["triangle"], target), None
+    return _loss_and_g(xhat, operands, plans["strip"], target)
 
 
-def cosine_backward(
-    x: torch.Tensor, mask: torch.Tensor | None, xhat: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """dL/dx for L = Σ_b scale_b/2 · Σ_{i≠j} |S_ij| (scale_b = 2 c_b · dL/dloss_b, (B,) fp32); returns a
-    contiguous (B, N, D) tensor in x.dtype."""
-    B, N, D = x.shape
-    blk = pick_blocks(N, D, x.dtype)
-    dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    tiles = dict(BLOCK_M=blk.bwd_m, BLOCK_N=blk.bwd_n, BLOCK_D=blk.bwd_d)
-    options = compile_options(x.dtype, blk.num_warps, blk.num_stages)
-    _cosine_bwd_kernel[(triton.cdiv(N, blk.bwd_m), B)](
-        x, xhat, norm, scale, dx, N, D, *x.stride(), EPS=EPS, **tiles, **options
-    )
-    if mask is not None:
-        # Exactly 0 whatever a padded token holds (NaN, or a magnitude that overflows x / eps).
-        dx.masked_fill_(~mask.unsqueeze(-1), 0.0)
-    return dx
+__all__ = ["EPS", "INTERPRETER", "cosine_forward", "pick_blocks"]
