@@ -19,6 +19,10 @@ EPS = 1e-12
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels scale logits by 1/τ in fp32: a smaller τ would make that factor infinite.
 MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+# The ``precision`` keyword: how the matrix work's operands are held (README, "numerics contract").
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+_SIXTEEN_BIT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_OPERAND_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def interpreting() -> bool:
@@ -84,11 +88,23 @@ def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
     tau = float(temperature)
+    if torch.compiler.is_compiling():
+        # Under torch.compile(dynamic=True) τ may be symbolic, with no value to test here: the checks
+        # become the graph's runtime asserts.
+        torch._check(tau >= MIN_TEMPERATURE, lambda: f"temperature must be >= {MIN_TEMPERATURE:.3g}")
+        torch._check(tau < math.inf, lambda: "temperature must be finite")
+        return tau
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     if tau < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (1/τ must be finite in float32), got {tau!r}")
     return tau
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def check_flag(name: str, value: bool) -> bool:
@@ -115,6 +131,71 @@ def pick_backend(x: torch.Tensor, backend: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- numerics
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None where autocast is off."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def resolve_operands(dtype: torch.dtype, device_type: str, precision: str) -> str:
+    """The operands of a loss's matrix work: "fp32" (exact), "tf32", "bf16", "fp16", or "fp64".
+
+    ``precision="auto"`` follows what ``torch.matmul`` would do at the call: under ``torch.autocast``
+    the autocast dtype; outside it the inputs' dtype, fp32 taking TF32 where
+    ``torch.get_float32_matmul_precision()`` is "high" or "medium". float64 stays float64 (autocast
+    leaves it alone too). Any other value is taken as given. Read where the loss is called: the ops run
+    with autocast off.
+    """
+    if precision != "auto":
+        return precision
+    if dtype == torch.float64:
+        return "fp64"
+    cast = _autocast_dtype(device_type)
+    if cast in _SIXTEEN_BIT:
+        return _SIXTEEN_BIT[cast]
+    if dtype in _SIXTEEN_BIT:
+        return _SIXTEEN_BIT[dtype]
+    return "tf32" if _tf32_allowed() else "fp32"
+
+
+@torch.compiler.assume_constant_result
+def _tf32_allowed() -> bool:
+    # torch.compile cannot trace the getter: a compiled graph takes the setting it was traced under.
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def operand_dtype(operands: str) -> torch.dtype:
+    """The dtype the matrix work's operands are held in for ``resolve_operands``'s answer."""
+    return torch.float64 if operands == "fp64" else _OPERAND_DTYPES[operands]
+
+
+def round_operands(t: torch.Tensor, operands: str) -> torch.Tensor:
+    """``t`` (fp32/fp64) rounded to 16-bit operands and back: what the PyTorch paths multiply, so their
+    products are exact and accumulate in ``t``'s dtype, as on the tensor cores. Identity otherwise (a CPU
+    has no TF32; a CUDA PyTorch path gets it from ``matmul_precision``)."""
+    if operands in ("bf16", "fp16"):
+        return t.to(_OPERAND_DTYPES[operands]).to(t.dtype)
+    return t
+
+
+@contextlib.contextmanager
+def matmul_precision(operands: str):
+    """On CUDA, ``torch.matmul``'s fp32 products exact ("fp32") or TF32 ("tf32") for the block; the
+    PyTorch paths' GEMMs then follow the same policy as the kernels."""
+    if operands not in ("fp32", "tf32") or not torch.cuda.is_available():
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = operands == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a loss accumulates and is returned in: float64 for float64 input, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -33,14 +33,19 @@ from fastpatchdiv._common import (
     check_backend,
     check_flag,
     check_mask,
+    check_precision,
     check_reduction,
     check_temperature,
     check_tokens,
+    matmul_precision,
     no_autocast,
     normalize_rows,
+    operand_dtype,
     pick_backend,
     reduce_images,
     refuse_double_backward,
+    resolve_operands,
+    round_operands,
     valid_counts,
     work_dtype,
 )
@@ -61,7 +66,13 @@ _MIN_POSITIVE_P = 1e-30
 
 
 def _torch_all(
-    a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None, temperature: float, need_a: bool, need_z: bool
+    a: torch.Tensor,
+    z: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    operands: str,
+    need_a: bool,
+    need_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Row loss ℓ (B, N) and, where asked, the gradients of Σ_i ℓ_i (a unit factor per row).
 
@@ -73,9 +84,11 @@ def _torch_all(
     get the dtype's lowest value (finite, so an image without real patches stays finite); masked tokens
     arrive zeroed and add nothing to the gradients.
     One fused softmax per strip gives P and the row losses −log P_ii (the log-sum-exp for rows whose
-    P_ii is too small for that).
+    P_ii is too small for that). With 16-bit ``operands`` the tokens and P are rounded to them before
+    their products, as the kernels multiply them.
     """
     B, N, _ = a.shape
+    a, z = round_operands(a, operands), round_operands(z, operands)
     t = max(1, min(N, _TORCH_TILE_ELEMS // max(1, B * N)))
     t = -(-N // -(-N // t))  # as many strips, of equal width: no thin last strip
     row_loss = torch.empty((B, N), dtype=a.dtype, device=a.device)
@@ -103,6 +116,7 @@ def _torch_all(
         row_loss[:, i0:i1] = loss
         if need_a or need_z:
             diagonal.sub_(1.0)
+            p = round_operands(p, operands)
             if need_a:
                 da[:, i0:i1] = torch.bmm(p.transpose(1, 2), z)
             if need_z:
@@ -127,6 +141,24 @@ def _row_coef(grad: torch.Tensor, mask: torch.Tensor | None, n: int, temperature
     return torch.where(nb >= 2, coef, torch.zeros_like(coef))
 
 
+def _all_forward(a, z, mask, temperature, backend, operands, need_a, need_z):
+    """(per-image loss, Σ_i dℓ_i/dA or None, Σ_i dℓ_i/dZ or None) in the work dtype, gradients without
+    the 1/τ; either path. A masked row's loss is dropped, so its token's gradient is set to exactly 0
+    (the paths leave that row of dA holding the dropped loss's gradient)."""
+    work = work_dtype(a.dtype)
+    if backend == "triton":
+        from fastpatchdiv.kernels.contrastive import contrastive_all_forward
+
+        row_loss, da, dz = contrastive_all_forward(a, z, mask, temperature, operands, need_a, need_z)
+    else:
+        with matmul_precision(operands):
+            row_loss, da, dz = _torch_all(a, z, mask, temperature, operands, need_a, need_z)
+    if mask is not None:
+        dropped = ~mask.unsqueeze(-1)
+        da, dz = (g.masked_fill_(dropped, 0.0) if g is not None else None for g in (da, dz))
+    return _image_mean(row_loss, mask).to(work), *(g.to(work) if g is not None else None for g in (da, dz))
+
+
 @torch.library.custom_op("fastpatchdiv::contrastive_all_forward", mutates_args=())
 def contrastive_all_forward_op(
     a: torch.Tensor,
@@ -136,109 +168,64 @@ def contrastive_all_forward_op(
     backend: str,
     need_a: bool,
     need_z: bool,
+    operands: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss (B,), r0, r1). Kernel path: r0 = row lse in log2 units (B, N) fp32, r1 empty. PyTorch path:
-    r0 = Σ_i dℓ_i/dA and r1 = Σ_i dℓ_i/dZ (B, N, D) where asked (else empty)."""
-    work = work_dtype(a.dtype)
+    """(loss (B,), Σ_i dℓ_i/dA, Σ_i dℓ_i/dZ): the gradients (B, N, D) in fp32 (fp64 for fp64 tokens),
+    without the 1/τ, where asked, else empty; the same on both paths, so the backward only scales them."""
     if a.shape[0] == 0:
-        return a.new_empty((0,), dtype=work), *_empty_residuals(a, backend, need_a, need_z)
+        return _empty_outputs(a, need_a, need_z)
     with no_autocast(a.device.type):
-        if backend == "triton":
-            from fastpatchdiv.kernels.contrastive import contrastive_all_forward
-
-            lse2, row_loss = contrastive_all_forward(a, z, mask, temperature)
-            return _image_mean(row_loss, mask).to(work), lse2, a.new_empty((0,), dtype=torch.float32)
-        row_loss, da, dz = _torch_all(a, z, mask, temperature, need_a, need_z)
-        # Outputs may not alias one another: a fresh empty tensor for each gradient not asked for.
-        da, dz = (g if g is not None else a.new_empty((0,), dtype=work) for g in (da, dz))
-        return _image_mean(row_loss, mask), da, dz
+        loss, da, dz = _all_forward(a, z, mask, temperature, backend, operands, need_a, need_z)
+    # Outputs may not alias one another: a fresh empty tensor for each gradient not asked for.
+    return loss, *(g if g is not None else a.new_empty((0,), dtype=loss.dtype) for g in (da, dz))
 
 
-def _empty_residuals(a: torch.Tensor, backend: str, need_a: bool, need_z: bool):
-    B, N, D = a.shape
-    if backend == "triton":
-        return a.new_empty((B, N), dtype=torch.float32), a.new_empty((0,), dtype=torch.float32)
+def _empty_outputs(a: torch.Tensor, need_a: bool, need_z: bool):
     work = work_dtype(a.dtype)
-    return tuple(a.new_empty((B, N, D) if need else (0,), dtype=work) for need in (need_a, need_z))
+    grads = (a.new_empty(a.shape if need else (0,), dtype=work) for need in (need_a, need_z))
+    return a.new_empty((a.shape[0],), dtype=work), *grads
 
 
 @contrastive_all_forward_op.register_fake
-def _(a, z, mask, temperature, backend, need_a, need_z):
-    return a.new_empty((a.shape[0],), dtype=work_dtype(a.dtype)), *_empty_residuals(a, backend, need_a, need_z)
-
-
-@torch.library.custom_op("fastpatchdiv::contrastive_all_backward", mutates_args=())
-def contrastive_all_backward_op(
-    a: torch.Tensor,
-    z: torch.Tensor,
-    mask: torch.Tensor | None,
-    r0: torch.Tensor,
-    r1: torch.Tensor,
-    grad: torch.Tensor,
-    temperature: float,
-    backend: str,
-    need_a: bool,
-    need_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dA, dZ) in the inputs' dtype for the per-image loss gradient ``grad`` (B,); empty where not asked."""
-    B, N, _ = a.shape
-    if B == 0:
-        return tuple(torch.empty_like(a) if need else a.new_empty((0,)) for need in (need_a, need_z))
-    with no_autocast(a.device.type):
-        coef = _row_coef(grad, mask, N, temperature)
-        if backend == "triton":
-            from fastpatchdiv.kernels.contrastive import contrastive_all_backward
-
-            da, dz = contrastive_all_backward(a, z, r0, coef.float(), temperature, need_a, need_z)
-        else:
-            coef = coef.to(a.dtype if a.dtype == torch.float64 else torch.float32).view(-1, 1, 1)
-            da = (r0 * coef).to(a.dtype) if need_a else None
-            dz = (r1 * coef).to(z.dtype) if need_z else None
-        if mask is not None:
-            # A masked row's loss is dropped, so its token's gradient is 0; the paths leave that row of dA
-            # (and, in an image without real patches, more) holding the dropped loss's gradient or NaN.
-            dropped = ~mask.unsqueeze(-1)
-            da, dz = (g.masked_fill_(dropped, 0.0) if g is not None else None for g in (da, dz))
-        return tuple(g if g is not None else a.new_empty((0,)) for g in (da, dz))
-
-
-@contrastive_all_backward_op.register_fake
-def _(a, z, mask, r0, r1, grad, temperature, backend, need_a, need_z):
-    return tuple(torch.empty_like(a) if need else a.new_empty((0,)) for need in (need_a, need_z))
+def _(a, z, mask, temperature, backend, need_a, need_z, operands):
+    return _empty_outputs(a, need_a, need_z)
 
 
 class PatchContrastiveFunction(torch.autograd.Function):
     """``PatchContrastiveFunction.apply(first, last, mask=None, temperature=1.0, backend="auto",
-    grad_enabled=True)`` -> per-image InfoNCE losses (B,) over all patches (``negatives="all"``).
+    grad_enabled=True, precision="auto")`` -> per-image InfoNCE losses (B,) over all patches
+    (``negatives="all"``).
 
     first and last are (B, N, D) of one dtype; mask is (B, N) bool or None, with the masked tokens already
-    zeroed (they get exactly zero gradient). Kernel path: saves only the row log-sum-exp and recomputes P
-    tile by tile in the backward. PyTorch path: when a backward can follow (``grad_enabled``, the caller's
-    ``torch.is_grad_enabled()``), the forward's strips also form the gradients and the backward only scales
-    them. Inputs are not checked here: use :func:`patch_contrastive_loss`. Double backward raises.
+    zeroed (they get exactly zero gradient). When a backward can follow (``grad_enabled``, the caller's
+    ``torch.is_grad_enabled()``), the forward also forms the gradients' sums and the backward only scales
+    them. ``precision`` as in :func:`patch_contrastive_loss`. Inputs are not checked here: use
+    :func:`patch_contrastive_loss`. Double backward raises.
     """
 
     @staticmethod
-    def forward(ctx, a, z, mask=None, temperature=1.0, backend="auto", grad_enabled=True):
+    def forward(ctx, a, z, mask=None, temperature=1.0, backend="auto", grad_enabled=True, precision="auto"):
         backend = pick_backend(a, backend)
+        operands = resolve_operands(a.dtype, a.device.type, precision)
         need_a, need_z = (bool(grad_enabled and n) for n in ctx.needs_input_grad[:2])
-        loss, r0, r1 = torch.ops.fastpatchdiv.contrastive_all_forward(a, z, mask, temperature, backend, need_a, need_z)
-        ctx.backend, ctx.temperature, ctx.need = backend, temperature, (need_a, need_z)
-        ctx.save_for_backward(a, z, mask, r0, r1)
+        loss, da, dz = torch.ops.fastpatchdiv.contrastive_all_forward(
+            a, z, mask, temperature, backend, need_a, need_z, operands
+        )
+        ctx.temperature, ctx.need = temperature, (need_a, need_z)
+        ctx.save_for_backward(a, z, mask, da, dz)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        a, z, mask, r0, r1 = ctx.saved_tensors
+        a, z, mask, da, dz = ctx.saved_tensors
         need_a, need_z = ctx.need
         if not (need_a or need_z):
-            return None, None, None, None, None, None
-        with torch.no_grad():
-            da, dz = torch.ops.fastpatchdiv.contrastive_all_backward(
-                a, z, mask, r0, r1, grad, ctx.temperature, ctx.backend, need_a, need_z
-            )
-        grads = refuse_double_backward("patch_contrastive_loss", z, (da if need_a else None, dz if need_z else None))
-        return *grads, None, None, None, None
+            return None, None, None, None, None, None, None
+        coef = _row_coef(grad, mask, a.shape[1], ctx.temperature).to(da.dtype if need_a else dz.dtype).view(-1, 1, 1)
+        da = (da * coef).to(a.dtype) if need_a else None
+        dz = (dz * coef).to(z.dtype) if need_z else None
+        grads = refuse_double_backward("patch_contrastive_loss", z if need_z else a, (da, dz))
+        return *grads, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,9 +357,18 @@ def _grid_for(grid: tuple[int, int] | None, n: int, needed: bool) -> tuple[int, 
 
 
 def check_settings(
-    temperature: float, normalize: bool, negatives: str, detach_first: bool, reduction: str, grid, window: int, backend
+    temperature: float,
+    normalize: bool,
+    negatives: str,
+    detach_first: bool,
+    reduction: str,
+    grid,
+    window: int,
+    backend: str,
+    precision: str = "auto",
 ):
     """Check every setting that does not depend on the tokens; returns (τ, grid) normalised."""
+    check_precision(precision)
     tau = check_temperature(temperature)
     check_flag("normalize", normalize)
     check_flag("detach_first", detach_first)
@@ -398,6 +394,7 @@ def patch_contrastive_loss(
     grid: tuple[int, int] | None = None,
     window: int = 7,
     backend: str = "auto",
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Patch-wise contrastive loss between first-layer and last-layer patch tokens.
 
@@ -440,18 +437,22 @@ def patch_contrastive_loss(
         backend: "auto" (Triton kernels for CUDA tensors, or CPU under TRITON_INTERPRET=1; PyTorch
             otherwise and always for float64), "triton" or "torch". Only "all" has a kernel; "mean" and
             "window" are the same O(N·D) torch code on every backend.
+        precision: the operands of "all"'s matrix work. "auto" (default) does what ``torch.matmul``
+            would: the autocast dtype under ``torch.autocast`` (so fp32 ``last`` and bf16 ``first`` from a
+            timm ViT multiply in bf16), else the inputs' dtype, float32 as TF32 where
+            ``torch.get_float32_matmul_precision()`` is "high"/"medium". "fp32" (exact), "tf32", "bf16" or
+            "fp16" override it. Accumulation, the loss and the log-sum-exp stay fp32.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (B,) for ``reduction="none"``;
         B = 0 gives a (0,) tensor, whose "mean" is NaN as in torch. Input gradients come back in each
         input's dtype.
 
-    Numerics: fp32 accumulation, also under ``torch.autocast`` (the loss runs with autocast off). Each
-    logit carries fp32 rounding of about |s|·1e-7, which the softmax passes on to the gradient: gradients
-    keep fp32 accuracy up to |s| ≈ 100 (τ = 0.01 with normalised tokens) and lose digits beyond, while
-    the loss keeps its relative accuracy. Logits past float32's range (about 3.4e38) give inf/NaN for
-    that image. "mean" and "window" are plain autograd and support double backward; "all" raises on
-    double backward.
+    Numerics (the README's numerics contract): each logit carries fp32 rounding of about |s|·1e-7 (more
+    with 16-bit or TF32 operands), which the softmax passes on to the gradient: gradients keep fp32
+    accuracy up to |s| ≈ 100 and lose digits beyond, while the loss keeps its relative accuracy. Logits
+    past float32's range give inf/NaN for that image. "mean" and "window" are plain autograd and support
+    double backward; "all" raises on double backward.
 
     Raises:
         TypeError: non-tensor or non-floating inputs, non-numeric temperature, non-bool flags or mask.
@@ -462,7 +463,9 @@ def patch_contrastive_loss(
             a mask with "window" or of the wrong shape or device, ``backend="triton"`` on a device/dtype
             the kernels do not take.
     """
-    tau, grid = check_settings(temperature, normalize, negatives, detach_first, reduction, grid, window, backend)
+    tau, grid = check_settings(
+        temperature, normalize, negatives, detach_first, reduction, grid, window, backend, precision
+    )
     a = check_tokens("first", first)
     z = check_tokens("last", last)
     if first.shape != last.shape:
@@ -474,6 +477,7 @@ def patch_contrastive_loss(
         raise ValueError("negatives='window' needs the full patch grid and takes no mask; use 'mean' or 'all'")
     grid = _grid_for(grid, a.shape[1], needed=negatives == "window")
     common = torch.promote_types(a.dtype, z.dtype)
+    operands = resolve_operands(common, a.device.type, precision)  # read before autocast is turned off
     a, z = a.to(common), z.to(common)
     backend = pick_backend(a, backend)
     if detach_first:
@@ -486,17 +490,17 @@ def patch_contrastive_loss(
             a, z = a.masked_fill(dropped, 0.0), z.masked_fill(dropped, 0.0)
         if negatives == "all" and backend == "triton":
             if normalize:
-                # Normalise in fp32, then hand the kernel tokens in the input dtype (its MMA dtype).
-                a = normalize_rows(a.float())[0].to(common)
-                z = normalize_rows(z.float())[0].to(common)
-            per_image = PatchContrastiveFunction.apply(a, z, mask, tau, backend, torch.is_grad_enabled())
+                a, z = normalize_rows(a.float())[0], normalize_rows(z.float())[0]
+            # The kernels take their operands as they multiply them; autograd casts the gradients back.
+            a, z = a.to(operand_dtype(operands)), z.to(operand_dtype(operands))
+            per_image = PatchContrastiveFunction.apply(a, z, mask, tau, backend, torch.is_grad_enabled(), operands)
         else:
             work = work_dtype(common)
             a, z = a.to(work), z.to(work)
             if normalize:
                 a, z = normalize_rows(a)[0], normalize_rows(z)[0]
             if negatives == "all":
-                per_image = PatchContrastiveFunction.apply(a, z, mask, tau, "torch", torch.is_grad_enabled())
+                per_image = PatchContrastiveFunction.apply(a, z, mask, tau, "torch", torch.is_grad_enabled(), operands)
             else:
                 per_image = _LocalNegatives.apply(a, z, mask, tau, grid, window if negatives == "window" else 0)
         return reduce_images(per_image, reduction)
@@ -520,11 +524,13 @@ class PatchContrastiveLoss(nn.Module):
         grid: tuple[int, int] | None = None,
         window: int = 7,
         backend: str = "auto",
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         self.temperature, self.grid = check_settings(
-            temperature, normalize, negatives, detach_first, reduction, grid, window, backend
+            temperature, normalize, negatives, detach_first, reduction, grid, window, backend, precision
         )
+        self.precision = precision
         self.normalize = normalize
         self.negatives = negatives
         self.detach_first = detach_first
@@ -545,13 +551,14 @@ class PatchContrastiveLoss(nn.Module):
             grid=self.grid,
             window=self.window,
             backend=self.backend,
+            precision=self.precision,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, normalize={self.normalize}, negatives={self.negatives!r}, "
             f"detach_first={self.detach_first}, reduction={self.reduction!r}, grid={self.grid}, "
-            f"window={self.window}, backend={self.backend!r}"
+            f"window={self.window}, backend={self.backend!r}, precision={self.precision!r}"
         )
 
 

@@ -30,18 +30,23 @@ from torch import nn
 from fastpatchdiv._common import (
     check_backend,
     check_mask,
+    check_precision,
     check_reduction,
     check_tokens,
+    matmul_precision,
     no_autocast,
+    operand_dtype,
     pick_backend,
     reduce_images,
     refuse_double_backward,
+    resolve_operands,
+    round_operands,
     work_dtype,
 )
 
 MODES = ("patch", "region")
 # The keyword arguments of patch_mixing_loss that PatchMixingLoss holds.
-SETTINGS = ("label_smoothing", "reduction", "ignore_index", "mode", "backend")
+SETTINGS = ("label_smoothing", "reduction", "ignore_index", "mode", "backend", "precision")
 
 # Rows per chunk: the chunk's logits (rows x C) are about as large as the tokens (M x D), Liger-Kernel's
 # rule, rounded down to a power of two; at least _MIN_CHUNK_ROWS so the matmuls stay efficient when C
@@ -142,6 +147,7 @@ def mixing_forward_op(
     label_smoothing: float,
     ignore_index: int,
     backend: str,
+    operands: str,
     need_tokens: bool,
     need_weight: bool,
     need_bias: bool,
@@ -154,8 +160,10 @@ def mixing_forward_op(
     tokens' dtype, the loss, dweight and dbias in fp32 (fp64 for fp64); a gradient not asked for is an
     empty (0,) tensor. The Function's forward calls it with ``grad=None``; the backward of
     ``uniform_grad=False`` calls it again with the per-image factors, which must reach every row before
-    the rows are summed into dweight and dbias. Logits are formed in the tokens' dtype on the Triton path
-    (16-bit on the tensor cores, as F.linear would) and in fp32/fp64 on the PyTorch path.
+    the rows are summed into dweight and dbias. The GEMMs' operands are ``operands`` ("fp32", "tf32",
+    "bf16", "fp16" or "fp64", from ``resolve_operands``): held in that dtype on the Triton path (16-bit
+    logits on the tensor cores, as F.linear gives them under autocast), rounded to it and multiplied in
+    fp32/fp64 on the PyTorch path.
     """
     B, N, D = tokens.shape
     C = weight.shape[0]
@@ -163,7 +171,7 @@ def mixing_forward_op(
     need = (need_tokens, need_weight, need_bias)
     want = any(need)
     acc = work_dtype(tokens.dtype)
-    compute = tokens.dtype if backend == "triton" else acc
+    compute = operand_dtype(operands) if backend == "triton" else acc
     soft = patch_targets.is_floating_point()
     valid = _counted(patch_targets, mask, ignore_index, C)
     count = valid.sum(dim=1)
@@ -194,12 +202,12 @@ def mixing_forward_op(
     v = valid.reshape(M)
     row_loss = torch.empty(M, dtype=acc, device=tokens.device)
     step = _chunk_rows(M, D, C, backend)
-    with no_autocast(tokens.device.type):
-        w = weight.to(compute)
+    with no_autocast(tokens.device.type), matmul_precision(operands):
+        w = round_operands(weight.to(compute), operands)
         b = bias.to(compute) if bias is not None else None
         for r0 in range(0, M, step):
             rows = slice(r0, min(r0 + step, M))
-            hc = h[rows].to(compute)
+            hc = round_operands(h[rows].to(compute), operands)
             z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
             row_loss[rows], g = cross_entropy_rows(z, t[rows], v[rows], label_smoothing, want)
             del z
@@ -229,7 +237,7 @@ def mixing_forward_op(
 
 
 @mixing_forward_op.register_fake
-def _(tokens, weight, patch_targets, bias, mask, grad, label_smoothing, ignore_index, backend, *need):
+def _(tokens, weight, patch_targets, bias, mask, grad, label_smoothing, ignore_index, backend, operands, *need):
     return tokens.new_empty(tokens.shape[0], dtype=work_dtype(tokens.dtype)), *_grad_buffers(tokens, len(weight), need)
 
 
@@ -267,7 +275,8 @@ class PatchMixingFunction(torch.autograd.Function):
     """Per-image patch mixing losses (B,) of ``mode="patch"``; checks happen in :func:`patch_mixing_loss`.
 
     ``apply(tokens (B, N, D), weight (C, D), bias (C,) or None, patch_targets, mask=None, label_smoothing=0.0,
-    ignore_index=-100, backend="auto", uniform_grad=False, grad_enabled=True)``: tokens, weight and bias of
+    ignore_index=-100, backend="auto", uniform_grad=False, grad_enabled=True, precision="auto")``: tokens,
+    weight and bias of
     one dtype, patch_targets int64 (B, N) or float (B, N, C), mask (B, N) bool with the masked tokens
     already zeroed (a NaN there would reach dW). ``grad_enabled`` is the
     caller's ``torch.is_grad_enabled()`` (a Function's forward always runs without grad).
@@ -293,11 +302,13 @@ class PatchMixingFunction(torch.autograd.Function):
         backend="auto",
         uniform_grad=False,
         grad_enabled=True,
+        precision="auto",
     ):
         backend = pick_backend(tokens, backend)
+        operands = resolve_operands(tokens.dtype, tokens.device.type, precision)
         ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         ctx.in_forward = bool(uniform_grad and any(ctx.need))
-        ctx.options = (label_smoothing, ignore_index, backend)
+        ctx.options = (label_smoothing, ignore_index, backend, operands)
         ctx.dtypes = (tokens.dtype, weight.dtype, bias.dtype if bias is not None else None)
         inputs = (tokens, weight, patch_targets, bias, mask)
         formed = ctx.need if ctx.in_forward else (False, False, False)
@@ -311,7 +322,7 @@ class PatchMixingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not any(ctx.need):
-            return (None,) * 10
+            return (None,) * 11
         anchor, *saved = ctx.saved_tensors
         with torch.no_grad():
             if ctx.in_forward:
@@ -319,7 +330,7 @@ class PatchMixingFunction(torch.autograd.Function):
             else:
                 grads = torch.ops.fastpatchdiv.mixing_forward(*saved, grad, *ctx.options, *ctx.need)[1:]
             grads = tuple(g.to(t) if n else None for g, t, n in zip(grads, ctx.dtypes, ctx.need, strict=True))
-        return *refuse_double_backward("patch_mixing_loss", anchor, grads), *(None,) * 7
+        return *refuse_double_backward("patch_mixing_loss", anchor, grads), *(None,) * 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,6 +446,7 @@ def patch_mixing_loss(
     mask: torch.Tensor | None = None,
     mode: str = "patch",
     backend: str = "auto",
+    precision: str = "auto",
 ) -> torch.Tensor:
     r"""Patch mixing loss: a linear head W, b classifies each patch token as the image its pixels came from.
 
@@ -483,6 +495,9 @@ def patch_mixing_loss(
         mode: "patch" (default) or "region".
         backend: "auto" (default), "triton" or "torch". Auto runs the Triton kernel on CUDA tensors and on
             CPU tensors under TRITON_INTERPRET=1, the chunked PyTorch path otherwise and for float64.
+        precision: the operands of the logit and gradient GEMMs, as in :func:`patch_cosine_loss`: "auto"
+            (the autocast dtype under ``torch.autocast``, else the inputs' dtype with float32 following
+            ``torch.get_float32_matmul_precision()``), "fp32", "tf32", "bf16" or "fp16" (mode="patch").
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (B,) with reduction="none". B = 0
@@ -522,10 +537,12 @@ def patch_mixing_loss(
         label_smoothing, reduction, ignore_index, mode, backend
     )
     tokens3, targets3, mask3 = _check_inputs(tokens, weight, bias, patch_targets, mask)
-    # One dtype for the op: bf16 tokens from autocast with an fp32 head run in fp32.
+    # One dtype for the op's inputs; the GEMMs' operands follow the precision policy, read here, where
+    # autocast is still on.
     dtype = torch.promote_types(tokens3.dtype, weight.dtype)
     if bias is not None:
         dtype = torch.promote_types(dtype, bias.dtype)
+    operands = resolve_operands(dtype, tokens3.device.type, check_precision(precision))
     tokens3, weight = tokens3.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     if mask3 is not None:
@@ -539,7 +556,7 @@ def patch_mixing_loss(
             per_image = _region_loss(tokens3, weight, bias, targets3, valid, label_smoothing)
     else:
         # uniform_grad: a plain mean or sum gives every image the same factor.
-        options = (label_smoothing, ignore_index, backend, reduction != "none", torch.is_grad_enabled())
+        options = (label_smoothing, ignore_index, backend, reduction != "none", torch.is_grad_enabled(), operands)
         per_image = PatchMixingFunction.apply(tokens3, weight, bias, targets3, mask3, *options)
     return reduce_images(per_image, reduction)
 
@@ -567,6 +584,7 @@ class PatchMixingLoss(nn.Module):
         ignore_index: int = -100,
         mode: str = "patch",
         backend: str = "auto",
+        precision: str = "auto",
     ):
         super().__init__()
         if head is None:
@@ -581,6 +599,7 @@ class PatchMixingLoss(nn.Module):
         self.label_smoothing, self.reduction, self.ignore_index, self.mode, self.backend = _check_settings(
             label_smoothing, reduction, ignore_index, mode, backend
         )
+        self.precision = check_precision(precision)
 
     def forward(self, tokens: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor | None = None):
         settings = {name: getattr(self, name) for name in SETTINGS}
