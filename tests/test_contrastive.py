@@ -16,12 +16,10 @@ from fastpatchdiv.reference import contrastive_loss_reference
 from tests.helpers import (
     assert_close,
     check_contrastive,
-    compile_for_cuda,
     contrastive_grads,
     contrastive_tokens,
     huge_logit_tokens,
     peak_rss_growth,
-    ptxas_spill_bytes,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -378,67 +376,3 @@ def test_kernel_matches_torch_path(kernel_device):
             first.cpu(), last.cpu(), negatives="all", normalize=normalize, reduction="none", backend="torch"
         )
         assert_close(got, want, torch.float32, "kernel vs torch path")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for real GPUs (no GPU needed)
-# ----------------------------------------------------------------------------------------------------
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _kernel_signature(fn, dtype, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("lse2_ptr", "loss_ptr", "coef_ptr"):
-            sig[name] = "*fp32"
-        elif name == "mask_ptr":
-            sig[name] = "*i1"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{_TRITON_TYPES[dtype]}"
-        elif name == "scale_log2":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-@pytest.mark.skipif(INTERPRETER, reason="ahead-of-time compilation needs the real @triton.jit, not the interpreter")
-@pytest.mark.parametrize("d", [64, 384])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("sm", [80, 90])
-def test_contrastive_kernels_compile(sm, dtype, d):
-    """Every kernel at the blocks ``pick_blocks`` gives a GPU; the masked forward at D = 384, the unmasked at 64."""
-    from fastpatchdiv.kernels import contrastive as K
-    from fastpatchdiv.kernels._utils import dot_precision
-
-    blk = K.pick_blocks(d, dtype, arch=sm, interpreter=False)
-    common = dict(BLOCK_K=blk.block_k, UPCAST=False, PRECISION=dot_precision(dtype))
-    builds = [
-        (
-            K._contrastive_all_fwd_kernel,
-            dict(HAS_MASK=d == 384, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n),
-            blk.fwd_stages,
-        ),
-        (
-            K._contrastive_all_bwd_kernel,
-            dict(LSE_ON_Y=True, BLOCK_X=blk.bwd_own, BLOCK_Y=blk.bwd_stream, BLOCK_DV=blk.block_dv),
-            blk.bwd_stages,
-        ),
-        (
-            K._contrastive_all_bwd_kernel,
-            dict(LSE_ON_Y=False, BLOCK_X=blk.bwd_own, BLOCK_Y=blk.bwd_stream, BLOCK_DV=blk.block_dv),
-            blk.bwd_stages,
-        ),
-    ]
-    for fn, constexprs, stages in builds:
-        constexprs = {**constexprs, **common}
-        sig = _kernel_signature(fn, dtype, constexprs)
-        compiled = compile_for_cuda(fn, sig, constexprs, sm, num_warps=blk.num_warps, num_stages=stages)
-        assert compiled.asm["cubin"], f"{fn.__name__}: empty cubin for sm{sm} {dtype}"
-        if dtype != torch.float32:
-            assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core instructions in the PTX"
-        spills = ptxas_spill_bytes(compiled, sm)
-        assert spills in (0, None), f"{fn.__name__} {constexprs}: {spills} bytes of register spills at sm_{sm}, {blk}"

@@ -17,11 +17,9 @@ from tests.helpers import (
     KERNEL_DTYPES,
     assert_close,
     check_cosine,
-    compile_for_cuda,
     cosine_oracle,
     cosine_tokens,
     peak_rss_growth,
-    ptxas_spill_bytes,
 )
 
 # N = 2, ragged N and D, D < 16, D not a multiple of the normalise chunk, N past several 16-tiles.
@@ -262,63 +260,3 @@ def test_kernel_memory_is_not_n_squared(dtype):
     torch.cuda.synchronize()
     growth = torch.cuda.max_memory_allocated() - base
     assert growth < n * n * 4 / 64, f"peak grew by {growth / 2**20:.1f} MiB"
-
-
-# ------------------------------------------------------------------------------- ahead-of-time compile
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("d", [64, 200, 384, 1024])
-def test_kernels_compile_for_cuda(arch, dtype, d):
-    """Compiled Triton rejects what the interpreter accepts (tl.dot shapes, dtype rules): build PTX and
-    cubin for every kernel at the block sizes the launchers pick on a GPU. The masked normalisation
-    builds at D = 200 and 1024, the unmasked one at 64 and 384."""
-    if INTERPRETER:
-        pytest.skip("the interpreter replaces @triton.jit functions; compile in the normal pass")
-    from fastpatchdiv.kernels import cosine as k
-    from fastpatchdiv.kernels._utils import dot_precision
-
-    blk = k.pick_blocks(4096, d, dtype, interpreter=False)
-    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    prec = dot_precision(dtype)
-    ints = {"N": "i32", "D": "i32"}
-    strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
-    has_mask = d in (200, 1024)
-    builds = {
-        "normalize": (
-            k._normalize_kernel,
-            {"x_ptr": ptr, "mask_ptr": "*i1", "xhat_ptr": ptr, "norm_ptr": "*fp32", **ints, **strides},
-            {"HAS_MASK": has_mask, "EPS": k.EPS, "BLOCK_M": blk.norm_m, "BLOCK_D": blk.norm_d},
-        ),
-        "forward": (
-            k._cosine_fwd_kernel,
-            {"xhat_ptr": ptr, "partial_ptr": "*fp64", **ints, "NUM_TILES": "i32"},
-            {"BLOCK": blk.fwd, "BLOCK_K": blk.fwd_k, "PRECISION": prec, "UPCAST": False},
-        ),
-        "backward": (
-            k._cosine_bwd_kernel,
-            {
-                "x_ptr": ptr,
-                "xhat_ptr": ptr,
-                "norm_ptr": "*fp32",
-                "scale_ptr": "*fp32",
-                "dx_ptr": ptr,
-                **ints,
-                **strides,
-            },
-            {
-                "EPS": k.EPS,
-                "BLOCK_M": blk.bwd_m,
-                "BLOCK_N": blk.bwd_n,
-                "BLOCK_D": blk.bwd_d,
-                "PRECISION": prec,
-                "UPCAST": False,
-            },
-        ),
-    }
-    for name, (fn, sig, consts) in builds.items():
-        compiled = compile_for_cuda(fn, sig, consts, arch, num_warps=blk.num_warps, num_stages=blk.num_stages)
-        assert compiled.asm.get("ptx") and compiled.asm.get("cubin"), f"{name}: no PTX/cubin"
-        if name != "normalize" and dtype != torch.float32:
-            assert "mma" in compiled.asm["ptx"], f"{name}: no tensor-core instructions in the PTX"
-        spills = ptxas_spill_bytes(compiled, arch)
-        assert spills in (0, None), f"{name}: {spills} bytes of register spills at {blk}"

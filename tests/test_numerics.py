@@ -43,22 +43,25 @@ def _autocast(device: str):
 # --------------------------------------------------------------------------------------------- autocast
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
-def test_autocast_keeps_fp32(backend, op, grad):
-    """fp32 tokens under autocast: fp32 loss, fp32 accuracy, fp32 gradients (autocast must not reach the matmuls)."""
+def test_autocast_multiplies_in_its_dtype(backend, op, grad):
+    """fp32 tokens under autocast: fp32 loss and fp32 gradients; the O(N²·D) matrix work (cosine, "all") gets
+    the autocast dtype's operands, as torch.matmul would, so it is held to that dtype's tolerance; the O(N·D)
+    forms ("mean", "window") stay fp32."""
     loss_fn, ref_fn = OPS[op]
     a, z = contrastive_tokens(2, 16, 24, torch.float32, DEVICE, scale=24**-0.25)
     z.requires_grad_(grad)
-    with _autocast(DEVICE):
+    with _autocast(DEVICE) as cast:
         loss = loss_fn(a, z, reduction="none", backend=backend)
+    tol = cast.fast_dtype if op in ("cosine", "all") else torch.float32
     assert loss.dtype == torch.float32
     z64 = z.detach().double().cpu().requires_grad_(grad)
     ref = ref_fn(a.double().cpu(), z64)
-    assert_close(loss, ref, torch.float32, f"{op} loss under autocast")
+    assert_close(loss, ref, tol, f"{op} loss under autocast")
     if grad:
         loss.sum().backward()
         ref.sum().backward()
         assert z.grad.dtype == torch.float32
-        assert_close(z.grad, z64.grad, torch.float32, f"{op} grad under autocast")
+        assert_close(z.grad, z64.grad, tol, f"{op} grad under autocast")
 
 
 @pytest.mark.parametrize("negatives", NEGATIVES)
