@@ -102,3 +102,22 @@ def test_functions_called_directly_never_send_cpu_tensors_to_triton():
     PatchCosineFunction.apply(z).sum().backward()
     PatchContrastiveFunction.apply(a, z).sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("negatives", ["mean", "all"])
+def test_dynamic_compile_takes_a_symbolic_temperature(backend, negatives):
+    """torch.compile(fullgraph=True, dynamic=True) makes τ symbolic: the checks must not need its value."""
+    torch._dynamo.reset()
+    a, z, _ = _inputs(requires_grad=True)
+
+    def fn(first, last, tau):
+        return patch_contrastive_loss(first, last, negatives=negatives, temperature=tau, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for tau in (0.5, 0.7):
+        got = compiled(a, z, tau)
+        (grad,) = torch.autograd.grad(got, z)
+        want = fn(a, z, tau)
+        (want_grad,) = torch.autograd.grad(want, z)
+        assert_close(got, want, torch.float32, f"τ = {tau} loss")
+        assert_close(grad, want_grad, torch.float32, f"τ = {tau} grad")
