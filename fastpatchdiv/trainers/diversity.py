@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -361,15 +360,13 @@ def attach(
         reduction=reduction,
         window=window,
         backend=backend,
-        **_precision(PatchContrastiveLoss, precision),
+        precision=precision,
     )
-    cosine = PatchCosineLoss(reduction=reduction, backend=backend, **_precision(PatchCosineLoss, precision))
+    cosine = PatchCosineLoss(reduction=reduction, backend=backend, precision=precision)
     terms = [(weights["cosine"], cosine)]
     terms.append((weights["contrastive"], contrastive))
-    settings = dict(label_smoothing=label_smoothing, reduction=reduction, backend=backend)
-    mixing, owned = _mixing_loss(
-        inner, wiring, weights["mixing"], head, settings | _precision(PatchMixingLoss, precision)
-    )
+    settings = dict(label_smoothing=label_smoothing, reduction=reduction, backend=backend, precision=precision)
+    mixing, owned = _mixing_loss(inner, wiring, weights["mixing"], head, settings)
     terms.append((weights["mixing"], mixing))
     recorder = Recorder(inner, wiring, in_eval=in_eval, keep_first=weights["contrastive"] > 0)
     terms = [(w, m) for w, m in terms if w > 0]
@@ -418,12 +415,6 @@ def _check_weight(name: str, value) -> float:
 def _check_precision(precision) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
-
-
-def _precision(cls: type, precision: str) -> dict:
-    # TODO(issue 18): pass precision=precision directly once every loss Module takes it.
-    takes = "precision" in inspect.signature(cls).parameters
-    return {"precision": precision} if takes or precision != "auto" else {}
 
 
 def _check_sources(model: nn.Module, wiring: Wiring, weights: dict) -> None:
