@@ -315,9 +315,10 @@ def implements(provider: str, op: str) -> bool:
 
 
 def cases(sweep: Sweep) -> list[Case]:
-    """Every case, grouped by shape so that the providers and modes of one shape run together."""
+    """Every case, grouped by shape so that the providers and modes of one shape run together; by dtype, then D,
+    then op, so that a run cut by its time budget has every op at the first dtype and smallest D."""
     out = []
-    for dtype, op, d, n in itertools.product(sweep.dtypes, sweep.ops, sorted(set(sweep.ds)), sorted(set(sweep.ns))):
+    for dtype, d, op, n in itertools.product(sweep.dtypes, sorted(set(sweep.ds)), sweep.ops, sorted(set(sweep.ns))):
         if n <= dict(sweep.d_max_n).get(d, n):
             B, pm = max(1, sweep.tokens // n), itertools.product(sweep.providers, sweep.modes)
             out += [Case(op, p, m, dtype, B, n, d, sweep.device) for p, m in pm if implements(p, op)]

@@ -96,8 +96,10 @@ class Rows:
         get = lambda p, m: self.get(key, p, m, n)  # noqa: E731
         others = [p for p in providers if p != "fastpatchdiv"]
         for p in providers:
-            t, m = get(p, "time"), get(p, "memory")
-            for r, what in ((t, ""), (m if t and t["status"] == "ok" else None, " memory")):
+            t, m, roof = get(p, "time"), get(p, "memory"), get(p, "roofline")
+            ran = t and t["status"] == "ok"
+            rated = ("r" in cols or ("f" in cols and p == "fastpatchdiv")) and ran  # e.g. no ceiling of its dtype
+            for r, what in ((t, ""), (m if ran else None, " memory"), (roof if rated else None, " % of peak")):
                 if r and r["status"] not in ("ok", "n/a"):
                     self.notes[(p + what, r["note"])].setdefault(where, []).append(str(n))
         cells = []

@@ -249,3 +249,4 @@ def test_autocast_case_runs_on_cpu_under_autocast(tmp_path):
     report.write_all(cpu, tmp_path, {"command": "test", "sweep": {"tokens": 128}})
     md = (tmp_path / "results.md").read_text()
     assert "## contrastive-all · amp-bf16 · D=32" in md and "under torch.autocast(bf16)" in md, md[:3000]
+    assert "fastpatchdiv % of peak, cosine N=64; contrastive-all N=64: no bf16 TFLOP/s ceiling measured" in md
