@@ -50,90 +50,99 @@ def _default_cache() -> Path:
     return Path(base) / "fastpatchdiv" / "static"
 
 
-def capture_all(args: argparse.Namespace):
-    """Capture every launch of the sweep.
+def capture_all(args: argparse.Namespace, on_binary=None):
+    """Capture every launch of the sweep; ``on_binary(binary)`` is called for each distinct binary as it
+    is found, so compiles start while the capture goes on.
 
     Returns:
         (launches, work, errors): ``launches`` is a list of (context, Launch), context holding arch, op,
         dtype, precision, D, N, B, sms and shared_limit; ``work`` the issued multiply-adds at ``WORK_SHAPE``
-        per (op, dtype, D, call) and arch; ``errors`` the launcher failures as records.
+        per (op, dtype, precision, D, arch) and call; ``errors`` the launcher failures as records.
     """
     from benchmarks import static_capture as cap
 
     driver, launches, work, errors = cap.StandInDriver(), [], {}, []
     shapes = set(itertools.product(args.n, args.b))
-    for arch, dtype_name, D, op in itertools.product(args.arch, args.dtype, args.d, args.ops):
-        if op == "mixing" and dtype_name == "fp32-tf32":
-            continue  # no matrix product in the mixing kernel: the same launches as fp32
-        target = cap.TARGETS[arch]
-        _, _, dtype, precision = cap.DTYPES[dtype_name]
-        for N, B in sorted(shapes | {WORK_SHAPE}):
-            ctx = dict(arch=arch, op=op, dtype=dtype, precision=precision, D=D, N=N, B=B)
-            try:
-                found, macs = cap.capture_op(driver, op, target, B, N, D, dtype_name)
-            except Exception as exc:  # a launcher that raises is a finding, reported with the shape
-                errors.append(dict(ctx, error=f"capture: {type(exc).__name__}: {str(exc)[:500]}"))
-                continue
-            if (N, B) == WORK_SHAPE:
-                work[(op, dtype, precision, D, arch)] = macs
-            if (N, B) in shapes:
-                ctx.update(sms=target.sms, shared_limit=target.max_shared)
-                launches += [(ctx, launch) for launch in found]
+    with cap.capturing(driver) as captured:
+        for arch, dtype_name, D, op in itertools.product(args.arch, args.dtype, args.d, args.ops):
+            if op == "mixing" and dtype_name == "fp32-tf32":
+                continue  # no matrix product in the mixing kernel: the same launches as fp32
+            target = cap.TARGETS[arch]
+            _, _, dtype, precision = cap.DTYPES[dtype_name]
+            for N, B in sorted(shapes | {WORK_SHAPE}):
+                ctx = dict(arch=arch, op=op, dtype=dtype, precision=precision, D=D, N=N, B=B)
+                try:
+                    found, macs = cap.capture_op(captured, driver, op, target, B, N, D, dtype_name)
+                except Exception as exc:  # a launcher that raises is a finding, reported with the shape
+                    errors.append(dict(ctx, error=f"capture: {type(exc).__name__}: {str(exc)[:500]}"))
+                    continue
+                if (N, B) == WORK_SHAPE:
+                    work[(op, dtype, precision, D, arch)] = macs
+                if (N, B) in shapes:
+                    ctx.update(sms=target.sms, shared_limit=target.max_shared)
+                    launches += [(ctx, launch) for launch in found]
+                    for launch in found if on_binary else ():
+                        on_binary(launch.binary)
     return launches, work, errors
 
 
-def compile_jobs(launches) -> dict[str, dict]:
-    """One job per distinct binary (kernel source, arch, signature, constexprs, attributes, options)."""
-    jobs = {}
-    for ctx, launch in launches:
-        key = launch.compile_key(ctx["arch"])
-        if key not in jobs:
-            fn = launch.fn.fn
-            jobs[key] = dict(
-                module=fn.__module__,
-                name=fn.__name__,
-                arch=ctx["arch"],
-                signature=launch.signature,
-                constexprs=launch.constexprs,
-                attrs=launch.attrs,
-                options=launch.options,
-            )
-    return jobs
-
-
-def compile_all(jobs: dict[str, dict], workers: int, cache: Path | None) -> dict[str, dict]:
-    """Compile every job not in ``cache`` in a pool of ``workers`` processes; returns results by key."""
-    from benchmarks import static_compile
-
-    results = {}
-    for key in jobs:
-        path = cache / f"{key}.json" if cache else None
-        if path and path.exists():
-            results[key] = json.loads(path.read_text())
-    todo = [key for key in jobs if key not in results]
-    print(
-        f"{len(jobs)} distinct compiles, {len(jobs) - len(todo)} cached, {len(todo)} to compile ({workers} processes)"
+def compile_job(binary) -> dict:
+    """The picklable job of one binary: the kernel by module and name, and what triton.compile takes."""
+    fn = binary.fn.fn
+    return dict(
+        module=fn.__module__,
+        name=fn.__name__,
+        arch=binary.arch,
+        signature=binary.signature,
+        constexprs=binary.constexprs,
+        attrs=binary.attrs,
+        options=binary.options,
     )
-    if not todo:
-        return results
-    start, last = time.perf_counter(), 0.0
-    with tempfile.TemporaryDirectory(prefix="static-triton-cache-") as triton_cache:
-        pool = concurrent.futures.ProcessPoolExecutor(
-            workers, multiprocessing.get_context("spawn"), static_compile.init_worker, (triton_cache,)
+
+
+class Compiler:
+    """Compiles each distinct binary once, in a pool of processes (ptxas and triton's passes are the cost),
+    reading and writing a per-binary result cache."""
+
+    def __init__(self, workers: int, cache: Path | None) -> None:
+        from benchmarks import static_compile
+
+        self.cache, self.results, self.futures = cache, {}, {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="static-triton-cache-")  # triton's own, thrown away
+        context = multiprocessing.get_context("spawn")
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            workers, context, static_compile.init_worker, (self._tmp.name,)
         )
-        with pool:
-            futures = {pool.submit(static_compile.compile_job, jobs[key]): key for key in todo}
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                key = futures[future]
-                results[key] = future.result()
-                if cache and "error" not in results[key]:
-                    cache.mkdir(parents=True, exist_ok=True)
-                    (cache / f"{key}.json").write_text(json.dumps(results[key]))
-                elapsed = time.perf_counter() - start
-                if elapsed - last > 20 or i == len(todo):
-                    last = elapsed
-                    print(f"  compiled {i}/{len(todo)} in {elapsed:.0f} s", flush=True)
-    return results
+        self.compile_job = static_compile.compile_job
+
+    def submit(self, binary) -> None:
+        key = binary.key
+        if key in self.results or key in self.futures:
+            return
+        path = self.cache / f"{key}.json" if self.cache else None
+        if path and path.exists():
+            self.results[key] = json.loads(path.read_text())
+        else:
+            self.futures[key] = self.pool.submit(self.compile_job, compile_job(binary))
+
+    def wait(self) -> dict[str, dict]:
+        """Every result by binary key, once all compiles are done; progress every 20 s."""
+        start, last, todo = time.perf_counter(), 0.0, {f: k for k, f in self.futures.items()}
+        print(f"{len(self.results) + len(todo)} distinct compiles: {len(self.results)} cached, {len(todo)} compiled")
+        for i, future in enumerate(concurrent.futures.as_completed(todo), 1):
+            key = todo[future]
+            self.results[key] = future.result()
+            if self.cache and "error" not in self.results[key]:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                (self.cache / f"{key}.json").write_text(json.dumps(self.results[key]))
+            if time.perf_counter() - start - last > 20 or i == len(todo):
+                last = time.perf_counter() - start
+                print(f"  compiled {i}/{len(todo)} after {last:.0f} s", flush=True)
+        return self.results
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self._tmp.cleanup()
 
 
 def versions() -> dict:
@@ -157,10 +166,13 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     start = time.perf_counter()
-    launches, work, errors = capture_all(args)
-    print(f"captured {len(launches)} launches in {time.perf_counter() - start:.0f} s")
-    jobs = compile_jobs(launches)
-    results = compile_all(jobs, args.jobs, None if args.no_cache else args.cache_dir)
+    compiler = Compiler(args.jobs, None if args.no_cache else args.cache_dir)
+    try:
+        launches, work, errors = capture_all(args, compiler.submit)
+        print(f"captured {len(launches)} launches in {time.perf_counter() - start:.0f} s")
+        results = compiler.wait()
+    finally:
+        compiler.close()
     config = dict(
         command="python -m benchmarks --static " + " ".join(sys.argv[1:] if argv is None else argv),
         arch=args.arch,
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
         ops=args.ops,
         elapsed_s=round(time.perf_counter() - start, 1),
     )
-    doc = static_report.build(launches, jobs, results, work, errors, versions(), config)
+    doc = static_report.build(launches, results, work, errors, versions(), config)
     paths = static_report.write(doc, args.out)
     for verdict in doc["verdicts"]:
         print(static_report.verdict_line(verdict))

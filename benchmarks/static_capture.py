@@ -92,18 +92,20 @@ class StandInDriver:
         return torch.device("meta")
 
 
-@dataclasses.dataclass
-class Launch:
-    """One launch as triton's JIT bound it: what ``triton.compile`` needs, the grid and the int arguments."""
+@dataclasses.dataclass(eq=False)
+class Binary:
+    """One binary as triton's JIT bound it: what ``triton.compile`` needs. It stands in for the compiled
+    kernel in the JIT's cache, so a launch of the same binary skips the binding work and only records its
+    grid (host loops launch a kernel thousands of times at N = 65536, B = 83)."""
 
     fn: JITFunction
+    arch: int
     signature: dict
     constexprs: dict
     attrs: dict
     options: dict
-    grid: tuple
-    ints: dict
-    calls: list = dataclasses.field(default_factory=list)
+    function = None  # what the JIT's launch path passes through to ``run``
+    packed_metadata = None
 
     @property
     def kernel(self) -> str:
@@ -113,55 +115,72 @@ class Launch:
             name += "_dZ" if named["LSE_ON_Y"] else "_dA"
         return name
 
-    @property
-    def programs(self) -> int:
-        return math.prod(self.grid)
-
     def named_constexprs(self) -> dict:
         names = self.fn.arg_names
         return {names[path[0]]: getattr(v, "value", v) for path, v in self.constexprs.items()}
 
-    def compile_key(self, arch: int) -> str:
+    @functools.cached_property
+    def key(self) -> str:
         """What decides the binary: the kernel's source (with its callees), target, signature, constexprs,
         specialisation attributes and every option (warps and stages among them)."""
-        parts = (self.fn.cache_key, arch, sorted(self.signature.items()), sorted(self.constexprs.items()))
+        parts = (self.fn.cache_key, self.arch, sorted(self.signature.items()), sorted(self.constexprs.items()))
         parts += (sorted(self.attrs.items()), sorted(self.options.items()), triton.__version__)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
+    def launch_metadata(self, grid, stream, *args) -> None:
+        return None
 
-def _named_args(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
-    bound = fn.signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in fn.arg_names})
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    def run(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, *hooks_and_args):
+        args = hooks_and_args[2:]  # after the launch enter and exit hooks: the bound arguments, in order
+        ints = {name: v for name, v in zip(self.fn.arg_names, args, strict=True) if type(v) is int}
+        _sinks[-1].append(Launch(self, (grid_0, grid_1, grid_2), ints))
+
+
+@dataclasses.dataclass(eq=False)
+class Launch:
+    """One launch: its binary, its grid (3-D, as triton launches it) and its int arguments by name."""
+
+    binary: Binary
+    grid: tuple
+    ints: dict
+    calls: list = dataclasses.field(default_factory=list)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+_sinks: list[list[Launch]] = []
 
 
 @contextlib.contextmanager
 def capturing(driver: StandInDriver) -> Iterator[list[Launch]]:
-    """Inside the block, a kernel launch records a ``Launch`` in the yielded list instead of compiling."""
-    captured: list[Launch] = []
-    pending: dict = {}
-    run, do_compile = JITFunction.run, JITFunction._do_compile
+    """Inside the block, a kernel launch appends a ``Launch`` to the yielded list instead of running.
 
-    def run_(self, *args, grid, warmup, **kwargs):
-        named = _named_args(self, args, kwargs)
-        pending["grid"] = tuple(grid(named) if callable(grid) else grid)
-        pending["ints"] = {k: v for k, v in named.items() if type(v) is int}
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    The JIT binds the arguments and parses the options as for a real launch; where it would compile, a
+    ``Binary`` goes into its cache instead, and the launch path hands that the grid and arguments."""
+    captured: list[Launch] = []
+    do_compile, touched = JITFunction._do_compile, set()
 
     def do_compile_(self, key, signature, device, constexprs, options, attrs, warmup):
-        opts = dict(options.__dict__)
-        captured.append(Launch(self, dict(signature), dict(constexprs), dict(attrs), opts, **pending))
-        return None  # the JIT returns before launching
+        binary = Binary(self, driver.arch, dict(signature), dict(constexprs), dict(attrs), dict(options.__dict__))
+        self.device_caches[device][0][key] = binary
+        touched.add((self, device))
+        return binary
 
-    JITFunction.run, JITFunction._do_compile = run_, do_compile_
+    JITFunction._do_compile = do_compile_
     # Restored as found: reset_active() would create the default driver, which fails without a GPU.
     active = triton_driver._active
     triton_driver.set_active(driver)
+    _sinks.append(captured)
     try:
         yield captured
     finally:
-        JITFunction.run, JITFunction._do_compile = run, do_compile
+        _sinks.remove(captured)
+        JITFunction._do_compile = do_compile
         triton_driver._active = active
+        for fn, device in touched:  # the stand-ins must not outlive the capture
+            fn.device_caches.pop(device, None)
 
 
 # ----------------------------------------------------------------------------------------- op runners
@@ -282,8 +301,8 @@ def _logged_macs(entry) -> int:
 def main_issued_macs(launch: Launch) -> int:
     """Multiply-adds the tile loops of main's kernels issue (padded tiles included), from the launch's
     constexprs, int arguments and grid. Only for kernels that keep no MAC log of their own."""
-    c, n, g = launch.named_constexprs(), launch.ints, launch.grid
-    name = launch.fn.fn.__name__
+    c, n, g = launch.binary.named_constexprs(), launch.ints, launch.grid
+    name = launch.binary.fn.fn.__name__
     if name == "_cosine_fwd_kernel":  # every tile of the triangle, BLOCK² x D padded to BLOCK_K
         return g[1] * n["NUM_TILES"] * c["BLOCK"] ** 2 * _utils_ceil(n["D"], c["BLOCK_K"])
     if name == "_cosine_bwd_kernel":  # per (I, J): S = X̂_I X̂_Jᵀ and G += sign(S) X̂_J, both over BLOCK_D
@@ -306,23 +325,23 @@ def _utils_ceil(value: int, multiple: int) -> int:
     return triton.cdiv(value, multiple) * multiple
 
 
-def capture_op(driver: StandInDriver, op: str, target, B: int, N: int, D: int, dtype_name: str):
-    """Every launch of ``op``'s calls at one shape, planned for ``target``.
+def capture_op(captured: list, driver: StandInDriver, op: str, target, B: int, N: int, D: int, dtype_name: str):
+    """Every launch of ``op``'s calls at one shape, planned for ``target``, inside ``capturing(driver)``.
 
     Returns:
-        (launches, macs): the distinct launches (compile and grid), each with the labels of the calls that
+        (launches, macs): the distinct launches (binary and grid), each with the labels of the calls that
         issue it in ``calls``; and the multiply-adds each call issues, by label.
     """
     dtype, operands, _, _ = DTYPES[dtype_name]
     launches: dict = {}
     macs: dict[str, int] = {}
-    with planning_for(target, driver), capturing(driver) as captured:
+    with planning_for(target, driver):
         for label, thunk in RUNNERS[op](B, N, D, dtype, operands):
             captured.clear()
             with mac_log() as log:
                 thunk()
             macs[label] = sum(map(_logged_macs, log)) if log is not None else sum(map(main_issued_macs, captured))
             for launch in captured:
-                key = (launch.compile_key(target.arch), launch.grid)
-                launches.setdefault(key, launch).calls.append(label)
+                launches.setdefault((launch.binary.key, launch.grid), launch).calls.append(label)
+    captured.clear()
     return list(launches.values()), macs

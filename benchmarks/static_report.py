@@ -27,7 +27,7 @@ def launch_record(ctx: dict, launch, key: str, result: dict) -> dict:
     rec = dict(
         arch=ctx["arch"],
         op=ctx["op"],
-        kernel=launch.kernel,
+        kernel=launch.binary.kernel,
         dtype=ctx["dtype"],
         precision=ctx["precision"],
         D=ctx["D"],
@@ -42,8 +42,8 @@ def launch_record(ctx: dict, launch, key: str, result: dict) -> dict:
         programs=launch.programs,
         sms=ctx["sms"],
         grid=list(launch.grid),
-        num_warps=launch.options["num_warps"],
-        num_stages=launch.options["num_stages"],
+        num_warps=launch.binary.options["num_warps"],
+        num_stages=launch.binary.options["num_stages"],
         calls=launch.calls,
         compile=key,
     )
@@ -52,22 +52,20 @@ def launch_record(ctx: dict, launch, key: str, result: dict) -> dict:
     return rec
 
 
-def compile_record(launch, job: dict, result: dict) -> dict:
-    """One distinct binary: its kernel, target, constexprs, the int arguments triton specialised as
-    divisible by 16, options, and the compiler's numbers."""
-    names = launch.fn.arg_names
-    div16 = [names[path[0]] for path, attr in job["attrs"].items() if ["tt.divisibility", 16] in map(list, attr)]
-    constexprs = {
-        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in launch.named_constexprs().items()
-    }
+def compile_record(binary, result: dict) -> dict:
+    """One distinct binary: its kernel, target, constexprs, the arguments triton specialised as divisible by
+    16, options, and the compiler's numbers."""
+    names = binary.fn.arg_names
+    div16 = [names[path[0]] for path, attr in binary.attrs.items() if ["tt.divisibility", 16] in map(list, attr)]
+    constexprs = {k: v if isinstance(v, int | float | str) else str(v) for k, v in binary.named_constexprs().items()}
     return dict(
-        kernel=launch.kernel,
-        function=f"{job['module']}.{job['name']}",
-        arch=job["arch"],
+        kernel=binary.kernel,
+        function=f"{binary.fn.fn.__module__}.{binary.fn.fn.__name__}",
+        arch=binary.arch,
         constexprs=constexprs,
         divisible_by_16=div16,
-        num_warps=job["options"]["num_warps"],
-        num_stages=job["options"]["num_stages"],
+        num_warps=binary.options["num_warps"],
+        num_stages=binary.options["num_stages"],
         **result,
     )
 
@@ -98,14 +96,14 @@ def work_records(work: dict) -> list[dict]:
     return records
 
 
-def build(launches, jobs, results, work, errors, versions: dict, config: dict) -> dict:
+def build(launches, results, work, errors, versions: dict, config: dict) -> dict:
     """The whole report as one JSON-ready dict: versions, config, verdicts, launches, work, compiles."""
     records, compiles = [], {}
     for ctx, launch in launches:
-        key = launch.compile_key(ctx["arch"])
+        key = launch.binary.key
         records.append(launch_record(ctx, launch, key, results[key]))
         if key not in compiles:
-            compiles[key] = compile_record(launch, jobs[key], results[key])
+            compiles[key] = compile_record(launch.binary, results[key])
     doc = dict(versions=versions, config=config, verdicts=[], errors=errors, work=work_records(work))
     doc.update(launches=records, compiles=compiles)
     doc["verdicts"] = verdicts(doc)
