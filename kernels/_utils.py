@@ -188,10 +188,17 @@ def score_plan(operands: str, target: Target, square: bool = False, stores_tile:
     if target.arch == 0:
         return LaunchPlan(MIN_DOT.value, MIN_DOT.value, MIN_DOT.value, num_warps=1, num_stages=1)
     op_bytes = operand_dtype(operands).itemsize
-    block_m, block_n, block_k = 128, 128 if square else 64, 32 if op_bytes == 4 else 64
+    if operands == "fp32":
+        # Exact fp32 runs on FFMA, whose operands live in registers: 64 x 64 tiles fit without spilling
+        # where 128-row tiles do not; the warp counts are what ptxas fits on every target (static report).
+        block_m, block_n, block_k, warps = 64, 64, 16, 4 if square else 8
+    else:
+        block_m, block_n, block_k, warps = 128, 128 if square else 64, 32 if op_bytes == 4 else 64, 8
     per_stage = (block_m + block_n) * block_k * op_bytes
     fixed = block_m * block_n * 4 if stores_tile else 0
-    return LaunchPlan(block_m, block_n, block_k, num_warps=8, num_stages=stages(target, per_stage, fixed))
+    # On sm_100 triton's tcgen05 pipeline holds 128 registers a thread; a third stage spills there.
+    most = 2 if target.arch == 100 else 3
+    return LaunchPlan(block_m, block_n, block_k, num_warps=warps, num_stages=stages(target, per_stage, fixed, most))
 
 
 def strip_rows(batch: int, n: int, elem_bytes: int, block_m: int, target: Target) -> tuple[int, int]:

@@ -92,7 +92,11 @@ def pick_blocks(d: int, operands: str, t_bytes: int, target: Target) -> LaunchPl
     block_k = 32 if op_bytes == 4 else 64
     # A stage holds T's tile as loaded and converted, and X's tile.
     per_stage = 128 * block_k * (t_bytes + op_bytes) + block_k * block_n * op_bytes
-    return LaunchPlan(128, block_n, block_k, num_warps=8, num_stages=stages(target, per_stage, most=4))
+    most, warps = 4, 8
+    if target.arch == 100 and operands != "fp32":
+        # triton's tcgen05 pipeline caps the registers a thread holds: 4 warps and 3 stages fit there.
+        most, warps = 3, 4
+    return LaunchPlan(128, block_n, block_k, num_warps=warps, num_stages=stages(target, per_stage, most=most))
 
 
 def strip_gemm(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, accumulate: bool, operands: str, target: Target):

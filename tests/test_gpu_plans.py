@@ -12,12 +12,13 @@ from fastpatchdiv.kernels._utils import TARGETS, record_launches, score_plan, us
 from tests.helpers import KERNEL_DTYPES, check_contrastive, check_cosine, contrastive_tokens, cosine_tokens
 
 # N = 150 crosses a 128-row block and two 64-column blocks; D = 70 crosses a 64- (16-bit) or 32-wide
-# (fp32) feature chunk. A scratch of 140 rows of fp32 puts the 150 rows in two strips of 128 and 22.
+# (fp32) feature chunk. A scratch of 140 bytes a column puts the 150 rows in strips of at most 128 for
+# every scratch dtype (int8 sign, 16-bit or fp32 P), so each image takes two strips.
 SHAPE = (2, 150, 70)
 
 
 def _small_scratch(arch: int):
-    return dataclasses.replace(TARGETS[arch], scratch_bytes=140 * SHAPE[1] * 4)
+    return dataclasses.replace(TARGETS[arch], scratch_bytes=140 * SHAPE[1])
 
 
 @pytest.mark.kernel
