@@ -180,15 +180,6 @@ def make_inputs(op: str, B: int, N: int, D: int, dtype: str, device: str, gen: t
 # records' ``backend``. Update a row when a path changes (e.g. a dense path for N <= one tile).
 
 
-def _dz_chunks(case: Case) -> int:
-    """The Triton contrastive backward's dZ pass recomputes the S tiles once per block_dv columns of D
-    (kernels/contrastive.py, pick_blocks; its compiled tiles, not the interpreter's)."""
-    from fastpatchdiv.kernels.contrastive import pick_blocks
-
-    dtype = DTYPES[compute_dtype(case.dtype)]  # under autocast: the tiles of the autocast dtype
-    return math.ceil(case.D / pick_blocks(case.D, dtype, interpreter=False).block_dv)
-
-
 def _cpu_triangle(case: Case) -> float:
     """The PyTorch cosine path forms tiles J >= I with the diagonal tiles whole: (nb + 1) / (2 nb) of N²·D for
     nb row blocks of its own tile rule (1 when one tile holds the image; 1/2 as N grows)."""
@@ -201,14 +192,16 @@ def _cpu_triangle(case: Case) -> float:
 COST: dict[tuple[str, str, str], tuple] = {
     # the triangle, and with grad sign(S_IJ) X̂_J into G_I and sign(S_IJ)ᵀ X̂_I into G_J (N²D); no_grad: triangle
     ("cosine", "fastpatchdiv", "torch"): (lambda c: _cpu_triangle(c) + 1, 0),
-    ("cosine", "fastpatchdiv", "triton"): (0.5, 2),  # triangle; the backward recomputes S, then sign(S) X̂
+    # with grad, row strips of S (all of it), then sign(S) X̂; the backward is an O(N·D) scale
+    ("cosine", "fastpatchdiv", "triton"): (2, 0),
     ("cosine", "torch", "eager"): (1, 2),  # the whole Gram; autograd: dS X̂ and dSᵀ X̂
     ("cosine", "torch.compile", "inductor"): (1, 2),
     # Our count of our KeOps formula (providers.py): no symmetry in its reduction; one gradient reduction
     # over j, recomputing x̂_i·x̂_j and summing sign·x̂_j.
     ("cosine", "keops", "keops"): (1, 2),
     ("contrastive-all", "fastpatchdiv", "torch"): (2, 0),  # S strips, and dZ = Pᵀ A from the same strips
-    ("contrastive-all", "fastpatchdiv", "triton"): (1, lambda c: 1 + _dz_chunks(c)),  # S per D chunk
+    # with grad, the lse pass, the P strips (S again), then Pᵀ A; the backward is an O(N·D) scale
+    ("contrastive-all", "fastpatchdiv", "triton"): (3, 0),
     ("contrastive-all", "torch", "eager"): (1, 1),  # S = A Zᵀ; autograd with A detached: dSᵀ A alone
     ("contrastive-all", "torch.compile", "inductor"): (1, 1),
     ("contrastive-all", "keops", "keops"): (1, 2),  # our count of KeOps' LogSumExp gradient: one reduction over i
