@@ -7,8 +7,8 @@ stand-in driver reports the chosen target, the launchers run on meta tensors, an
 where it would compile: what it would have compiled is recorded with its grid, and nothing launches.
 
 The op runners (``cosine_calls``, ``contrastive_calls``, ``mixing_calls``) are the only code that knows
-the launchers' names. Each has a branch for the kernel interface being written (``operands=`` on the
-entry points, ``use_target``, a MAC log) and an adapter for the launchers on main before it.
+the launchers' names; the launchers plan for a target through ``use_target`` and log the multiply-adds
+they issue through ``record_launches`` (``fastpatchdiv.kernels._utils``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import inspect
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -48,27 +47,7 @@ DTYPES = {
 OPS = ("cosine", "contrastive-all", "mixing")
 MIXING_CLASSES = 1000
 TEMPERATURE = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class FallbackTarget:
-    """``_utils.Target`` until the kernels define it: compute capability, SM count, per-block opt-in shared
-    memory (cudaDevAttrMaxSharedMemoryPerBlockOptin, what triton checks at the first launch)."""
-
-    arch: int
-    sms: int
-    max_shared: int
-
-
-_FALLBACK_TARGETS = {
-    80: FallbackTarget(80, 108, 166_912),  # A100
-    86: FallbackTarget(86, 84, 101_376),  # RTX 3090 Ti / A6000
-    89: FallbackTarget(89, 142, 101_376),  # L40S
-    90: FallbackTarget(90, 132, 232_448),  # H100 SXM
-    100: FallbackTarget(100, 148, 232_448),  # B200
-    120: FallbackTarget(120, 188, 101_376),  # RTX PRO 6000
-}
-TARGETS = getattr(_utils, "TARGETS", _FALLBACK_TARGETS)
+TARGETS = _utils.TARGETS  # arch -> Target(arch, sms, max_shared)
 
 
 class StandInDriver:
@@ -109,11 +88,7 @@ class Binary:
 
     @property
     def kernel(self) -> str:
-        name = self.fn.fn.__name__.strip("_").removesuffix("_kernel")
-        named = self.named_constexprs()
-        if "LSE_ON_Y" in named:  # main's contrastive backward: one kernel, two gradients
-            name += "_dZ" if named["LSE_ON_Y"] else "_dA"
-        return name
+        return self.fn.fn.__name__.strip("_").removesuffix("_kernel")
 
     def named_constexprs(self) -> dict:
         names = self.fn.arg_names
@@ -143,11 +118,15 @@ class Launch:
     binary: Binary
     grid: tuple
     ints: dict
-    calls: list = dataclasses.field(default_factory=list)
+    repeats: dict = dataclasses.field(default_factory=dict)  # call label -> times the call issues it
 
     @property
     def programs(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def calls(self) -> list[str]:
+        return list(self.repeats)
 
 
 _sinks: list[list[Launch]] = []
@@ -188,51 +167,18 @@ def capturing(driver: StandInDriver) -> Iterator[list[Launch]]:
 Call = tuple[str, Callable[[], None]]
 
 
-def _new_interface(fn: Callable) -> bool:
-    return "operands" in inspect.signature(fn).parameters
-
-
-@contextlib.contextmanager
-def _fp32_matmul(operands: str) -> Iterator[None]:
-    """main's launchers read the fp32 dot precision from torch's global setting."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if operands == "tf32" else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def cosine_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
-    """The loss-only call and the training call (forward + backward) of the cosine op."""
-    k = kernels_cosine
+    """The loss-only call and the training call (forward + backward kernels) of the cosine op."""
     x = torch.empty(B, N, D, device="meta", dtype=dtype)
-    if _new_interface(k.cosine_forward):
-        return [(f"need_grad={g}", functools.partial(k.cosine_forward, x, None, operands, g)) for g in (False, True)]
-
-    def main_launchers(need_grad: bool) -> None:
-        with _fp32_matmul(operands):
-            _, xhat, norm = k.cosine_forward(x, None)
-            if need_grad:
-                k.cosine_backward(x, None, xhat, norm, torch.empty(B, device="meta"))
-
-    return [(f"need_grad={g}", functools.partial(main_launchers, g)) for g in (False, True)]
+    run = functools.partial(kernels_cosine.cosine_forward, x, None, operands)
+    return [(f"need_grad={g}", functools.partial(run, g)) for g in (False, True)]
 
 
 def contrastive_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
     """Training calls of contrastive "all": ``first`` detached (need_a=False, the default) and not."""
-    k = kernels_contrastive
     a, z = (torch.empty(B, N, D, device="meta", dtype=dtype) for _ in range(2))
-    if _new_interface(k.contrastive_all_forward):
-        run = functools.partial(k.contrastive_all_forward, a, z, None, TEMPERATURE, operands)
-        return [(f"need_a={n}", functools.partial(run, n, True)) for n in (False, True)]
-
-    def main_launchers(need_a: bool) -> None:
-        with _fp32_matmul(operands):
-            lse2, _ = k.contrastive_all_forward(a, z, None, TEMPERATURE)
-            k.contrastive_all_backward(a, z, lse2, torch.empty(B, device="meta"), TEMPERATURE, need_a, True)
-
-    return [(f"need_a={n}", functools.partial(main_launchers, n)) for n in (False, True)]
+    run = functools.partial(kernels_contrastive.contrastive_all_forward, a, z, None, TEMPERATURE, operands)
+    return [(f"need_a={n}", functools.partial(run, n, True)) for n in (False, True)]
 
 
 def mixing_calls(B: int, N: int, D: int, dtype: torch.dtype, operands: str) -> list[Call]:
@@ -259,78 +205,16 @@ RUNNERS = {"cosine": cosine_calls, "contrastive-all": contrastive_calls, "mixing
 def planning_for(target, driver: StandInDriver) -> Iterator[None]:
     """Launchers plan their blocks and grids for ``target``, and the JIT binds for its arch."""
     driver.arch = target.arch
-    # main's launchers read the device in two places: the cosine forward's persistent grid and the
-    # contrastive tiles. Gone once the kernels plan through ``use_target``.
-    patches = {
-        (kernels_cosine, "num_programs_cap"): lambda device: 4 * target.sms,
-        (kernels_contrastive, "_launch_blocks"): lambda x: kernels_contrastive.pick_blocks(
-            x.shape[-1], x.dtype, arch=target.arch
-        ),
-    }
-    saved = {where: getattr(*where) for where in patches if hasattr(*where)}
-    for (module, name), value in patches.items():
-        if (module, name) in saved:
-            setattr(module, name, value)
-    use_target = getattr(_utils, "use_target", None)
-    try:
-        with use_target(target) if use_target else contextlib.nullcontext():
-            yield
-    finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
-
-
-@contextlib.contextmanager
-def mac_log() -> Iterator[list | None]:
-    """The launchers' own log of issued multiply-adds: ``count_macs`` ((kernel, macs) pairs) or
-    ``record_launches`` (records with ``.macs``); None where the kernels keep no log (main)."""
-    if hasattr(_utils, "count_macs"):
-        with _utils.count_macs() as log:
-            yield log
-    elif hasattr(_utils, "record_launches"):
-        with _utils.record_launches() as log:
-            yield log
-    else:
-        yield None
-
-
-def _logged_macs(entry) -> int:
-    return int(entry.macs if hasattr(entry, "macs") else entry[1])
-
-
-def main_issued_macs(launch: Launch) -> int:
-    """Multiply-adds the tile loops of main's kernels issue (padded tiles included), from the launch's
-    constexprs, int arguments and grid. Only for kernels that keep no MAC log of their own."""
-    c, n, g = launch.binary.named_constexprs(), launch.ints, launch.grid
-    name = launch.binary.fn.fn.__name__
-    if name == "_cosine_fwd_kernel":  # every tile of the triangle, BLOCK² x D padded to BLOCK_K
-        return g[1] * n["NUM_TILES"] * c["BLOCK"] ** 2 * _utils_ceil(n["D"], c["BLOCK_K"])
-    if name == "_cosine_bwd_kernel":  # per (I, J): S = X̂_I X̂_Jᵀ and G += sign(S) X̂_J, both over BLOCK_D
-        return launch.programs * triton.cdiv(n["N"], c["BLOCK_N"]) * c["BLOCK_M"] * c["BLOCK_N"] * 2 * c["BLOCK_D"]
-    if name == "_contrastive_all_fwd_kernel":
-        return (
-            launch.programs
-            * triton.cdiv(n["N"], c["BLOCK_N"])
-            * c["BLOCK_M"]
-            * c["BLOCK_N"]
-            * _utils_ceil(n["D"], c["BLOCK_K"])
-        )
-    if name == "_contrastive_all_bwd_kernel":  # S over all of D, then one BLOCK_DV chunk of (P − I) Y
-        per_tile = c["BLOCK_X"] * c["BLOCK_Y"] * (_utils_ceil(n["D"], c["BLOCK_K"]) + c["BLOCK_DV"])
-        return launch.programs * triton.cdiv(n["N"], c["BLOCK_Y"]) * per_tile
-    return 0  # no tl.dot
-
-
-def _utils_ceil(value: int, multiple: int) -> int:
-    return triton.cdiv(value, multiple) * multiple
+    with _utils.use_target(target):
+        yield
 
 
 def capture_op(captured: list, driver: StandInDriver, op: str, target, B: int, N: int, D: int, dtype_name: str):
     """Every launch of ``op``'s calls at one shape, planned for ``target``, inside ``capturing(driver)``.
 
     Returns:
-        (launches, macs): the distinct launches (binary and grid), each with the labels of the calls that
-        issue it in ``calls``; and the multiply-adds each call issues, by label.
+        (launches, macs): the distinct launches (binary and grid), each with how many times each call
+        issues it in ``repeats``; and the multiply-adds each call issues, by label.
     """
     dtype, operands, _, _ = DTYPES[dtype_name]
     launches: dict = {}
@@ -338,10 +222,11 @@ def capture_op(captured: list, driver: StandInDriver, op: str, target, B: int, N
     with planning_for(target, driver):
         for label, thunk in RUNNERS[op](B, N, D, dtype, operands):
             captured.clear()
-            with mac_log() as log:
+            with _utils.record_launches() as log:
                 thunk()
-            macs[label] = sum(map(_logged_macs, log)) if log is not None else sum(map(main_issued_macs, captured))
+            macs[label] = sum(entry.macs for entry in log)
             for launch in captured:
-                launches.setdefault((launch.binary.key, launch.grid), launch).calls.append(label)
+                first = launches.setdefault((launch.binary.key, launch.grid), launch)
+                first.repeats[label] = first.repeats.get(label, 0) + 1
     captured.clear()
     return list(launches.values()), macs

@@ -45,6 +45,7 @@ def launch_record(ctx: dict, launch, key: str, result: dict) -> dict:
         num_warps=launch.binary.options["num_warps"],
         num_stages=launch.binary.options["num_stages"],
         calls=launch.calls,
+        repeats=max(launch.repeats.values()),
         compile=key,
     )
     if "error" in result:
@@ -285,9 +286,9 @@ def work_table(work: list[dict]) -> list[str]:
 
 
 def _blocks(constexprs: dict) -> str:
-    return " ".join(
-        f"{k.removeprefix('BLOCK_').removeprefix('BLOCK')}{v}" for k, v in constexprs.items() if "BLOCK" in k
-    )
+    """Tile sizes (BLOCK_M=64 as M64) and the switches that are on."""
+    sizes = [f"{k.removeprefix('BLOCK').lstrip('_')}{v}" for k, v in constexprs.items() if "BLOCK" in k]
+    return " ".join(sizes + [k for k, v in constexprs.items() if v is True])
 
 
 def _values(rows: list[dict], field: str) -> str:
@@ -308,10 +309,12 @@ def compile_row(comp: dict, rows: list[dict]) -> str:
     spilled = r0["spills"] != 0 or r0["local_bytes"]
     spills = f"**{r0['spills']} / local {r0['local_bytes']}**" if spilled else "0"
     programs = sorted(r["programs"] for r in rows)
+    most = max(r["repeats"] for r in rows)
+    repeats = f" (up to {most:,} launches a call)" if most > 1 else ""
     return (
         f"{head}{_blocks(comp['constexprs'])} | {comp['num_warps']}/{comp['num_stages']} | {comp['registers']} | "
         f"{spills} | {comp['shared_bytes']:,} | {fits} | {comp['tensor_core']} | {_values(rows, 'N')} | "
-        f"{_values(rows, 'B')} | {programs[0]:,}–{programs[-1]:,} | {fill} |"
+        f"{_values(rows, 'B')} | {programs[0]:,}–{programs[-1]:,}{repeats} | {fill} |"
     )
 
 
@@ -325,8 +328,8 @@ def compile_tables(doc: dict) -> list[str]:
         lines += [
             f"## sm_{arch}: {first['sms']} SMs, opt-in shared limit {first['shared_limit']:,} B",
             "",
-            "| op | kernel | calls | precision | D | blocks | warps/stages | registers | spills (B) | shared (B) | "
-            "fits | tensor core | N | B | programs | programs >= SMs |",
+            "| op | kernel | calls | precision | D | blocks, switches | warps/stages | registers | spills (B) | "
+            "shared (B) | fits | tensor core | N | B | programs | programs >= SMs |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         keys = [k for k, rows in by_compile.items() if rows[0]["arch"] == arch]
