@@ -1,8 +1,9 @@
 """``python -m benchmarks --static``: every Triton kernel compiled exactly as the launchers launch it, for
 each GPU target, on a machine without a GPU; writes static.json and static.md (see benchmarks/README.md).
 
-The launches are captured on meta tensors (``benchmarks.static_capture``), compiled once per distinct
-binary in a pool of processes (``benchmarks.static_compile``), and judged (``benchmarks.static_report``).
+The launches are captured on meta tensors (``benchmarks.static_capture``) and each distinct binary is
+compiled once (``benchmarks.static_compile``), both in one pool of processes; ``benchmarks.static_report``
+judges them and writes the files.
 Exit status 1 when a launch does not fit its target's shared memory, spills, or fails to capture or compile.
 """
 
@@ -26,7 +27,6 @@ NS = (196, 4096, 65536)
 BS = (1, 4, 83)
 DTYPE_NAMES = ("fp32", "fp32-tf32", "bf16", "fp16")
 OPS = ("cosine", "contrastive-all", "mixing")
-WORK_SHAPE = (4096, 4)  # (N, B) of the work records
 ROOT = Path(__file__).resolve().parent
 
 
@@ -50,59 +50,48 @@ def _default_cache() -> Path:
     return Path(base) / "fastpatchdiv" / "static"
 
 
-def capture_all(args: argparse.Namespace, on_binary=None):
-    """Capture every launch of the sweep; ``on_binary(binary)`` is called for each distinct binary as it
-    is found, so compiles start while the capture goes on.
+def capture_task(arch: int, dtype_name: str, ds: list, ops: list, shapes: list) -> dict:
+    """Capture every launch of one arch and dtype (runs in a pool process; returns plain data).
+
+    Args:
+        arch: compute capability; dtype_name: a key of ``DTYPE_NAMES``; ds, ops: the sweep's D and ops;
+            shapes: its (N, B) pairs (the work shape is captured too, for the work records).
 
     Returns:
-        (launches, work, errors): ``launches`` is a list of (context, Launch), context holding arch, op,
-        dtype, precision, D, N, B, sms and shared_limit; ``work`` the issued multiply-adds at ``WORK_SHAPE``
-        per (op, dtype, precision, D, arch) and call; ``errors`` the launcher failures as records.
+        ``launches``: (context, ``Launch.summary()``) pairs, the context holding arch, op, dtype,
+        precision, D, N, B, sms and shared_limit; ``binaries``: key -> (``Binary.job()``,
+        ``Binary.info()``); ``work``: (op, dtype, precision, D, arch) -> multiply-adds by call at the work
+        shape; ``errors``: the launchers that raised, with their shape.
     """
     from benchmarks import static_capture as cap
+    from benchmarks.static_report import WORK_SHAPE
 
-    driver, launches, work, errors = cap.StandInDriver(), [], {}, []
-    shapes = set(itertools.product(args.n, args.b))
+    out = dict(launches=[], binaries={}, work={}, errors=[])
+    driver, target = cap.StandInDriver(), cap.TARGETS[arch]
+    _, _, dtype, precision = cap.DTYPES[dtype_name]
     with cap.capturing(driver) as captured:
-        for arch, dtype_name, D, op in itertools.product(args.arch, args.dtype, args.d, args.ops):
+        for D, op, (N, B) in itertools.product(ds, ops, sorted(set(shapes) | {WORK_SHAPE})):
             if op == "mixing" and dtype_name == "fp32-tf32":
                 continue  # no matrix product in the mixing kernel: the same launches as fp32
-            target = cap.TARGETS[arch]
-            _, _, dtype, precision = cap.DTYPES[dtype_name]
-            for N, B in sorted(shapes | {WORK_SHAPE}):
-                ctx = dict(arch=arch, op=op, dtype=dtype, precision=precision, D=D, N=N, B=B)
-                try:
-                    found, macs = cap.capture_op(captured, driver, op, target, B, N, D, dtype_name)
-                except Exception as exc:  # a launcher that raises is a finding, reported with the shape
-                    errors.append(dict(ctx, error=f"capture: {type(exc).__name__}: {str(exc)[:500]}"))
-                    continue
-                if (N, B) == WORK_SHAPE:
-                    work[(op, dtype, precision, D, arch)] = macs
-                if (N, B) in shapes:
-                    ctx.update(sms=target.sms, shared_limit=target.max_shared)
-                    launches += [(ctx, launch) for launch in found]
-                    for launch in found if on_binary else ():
-                        on_binary(launch.binary)
-    return launches, work, errors
+            ctx = dict(arch=arch, op=op, dtype=dtype, precision=precision, D=D, N=N, B=B)
+            try:
+                found, macs = cap.capture_op(captured, driver, op, target, B, N, D, dtype_name)
+            except Exception as exc:  # a launcher that raises is a finding, reported with the shape
+                out["errors"].append(dict(ctx, error=f"capture: {type(exc).__name__}: {str(exc)[:500]}"))
+                continue
+            if (N, B) == WORK_SHAPE:
+                out["work"][(op, dtype, precision, D, arch)] = macs
+            if (N, B) in shapes:
+                ctx.update(sms=target.sms, shared_limit=target.max_shared)
+                out["launches"] += [(ctx, launch.summary()) for launch in found]
+                for launch in found:
+                    out["binaries"].setdefault(launch.binary.key, (launch.binary.job(), launch.binary.info()))
+    return out
 
 
-def compile_job(binary) -> dict:
-    """The picklable job of one binary: the kernel by module and name, and what triton.compile takes."""
-    fn = binary.fn.fn
-    return dict(
-        module=fn.__module__,
-        name=fn.__name__,
-        arch=binary.arch,
-        signature=binary.signature,
-        constexprs=binary.constexprs,
-        attrs=binary.attrs,
-        options=binary.options,
-    )
-
-
-class Compiler:
-    """Compiles each distinct binary once, in a pool of processes (ptxas and triton's passes are the cost),
-    reading and writing a per-binary result cache."""
+class Pool:
+    """A pool of processes that captures the sweep (a task per arch and dtype) and compiles each distinct
+    binary once (ptxas and triton's passes are the cost), with a per-binary result cache."""
 
     def __init__(self, workers: int, cache: Path | None) -> None:
         from benchmarks import static_compile
@@ -115,18 +104,41 @@ class Compiler:
         )
         self.compile_job = static_compile.compile_job
 
-    def submit(self, binary) -> None:
-        key = binary.key
+    def capture(self, args: argparse.Namespace):
+        """Capture the sweep; each distinct binary goes to compile as soon as its task returns.
+
+        Returns:
+            (launches, binaries, work, errors), merged in the sweep's order.
+        """
+        shapes = list(itertools.product(args.n, args.b))
+        tasks = [
+            self.pool.submit(capture_task, arch, dtype_name, args.d, args.ops, shapes)
+            for arch, dtype_name in itertools.product(args.arch, args.dtype)
+        ]
+        start = time.perf_counter()
+        for i, future in enumerate(concurrent.futures.as_completed(tasks), 1):
+            for key, (job, _) in future.result()["binaries"].items():
+                self.submit(key, job)
+            print(f"  captured {i}/{len(tasks)} (arch, dtype) after {time.perf_counter() - start:.0f} s", flush=True)
+        launches, binaries, work, errors = [], {}, {}, []
+        for part in (task.result() for task in tasks):
+            launches += part["launches"]
+            binaries |= {key: info for key, (_, info) in part["binaries"].items()}
+            work |= part["work"]
+            errors += part["errors"]
+        return launches, binaries, work, errors
+
+    def submit(self, key: str, job: dict) -> None:
         if key in self.results or key in self.futures:
             return
         path = self.cache / f"{key}.json" if self.cache else None
         if path and path.exists():
             self.results[key] = json.loads(path.read_text())
         else:
-            self.futures[key] = self.pool.submit(self.compile_job, compile_job(binary))
+            self.futures[key] = self.pool.submit(self.compile_job, job)
 
     def wait(self) -> dict[str, dict]:
-        """Every result by binary key, once all compiles are done; progress every 20 s."""
+        """Every compile result by binary key, once all are done; progress every 20 s."""
         start, last, todo = time.perf_counter(), 0.0, {f: k for k, f in self.futures.items()}
         print(f"{len(self.results) + len(todo)} distinct compiles: {len(self.results)} cached, {len(todo)} compiled")
         for i, future in enumerate(concurrent.futures.as_completed(todo), 1):
@@ -166,13 +178,13 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     start = time.perf_counter()
-    compiler = Compiler(args.jobs, None if args.no_cache else args.cache_dir)
+    pool = Pool(args.jobs, None if args.no_cache else args.cache_dir)
     try:
-        launches, work, errors = capture_all(args, compiler.submit)
+        launches, binaries, work, errors = pool.capture(args)
         print(f"captured {len(launches)} launches in {time.perf_counter() - start:.0f} s")
-        results = compiler.wait()
+        results = pool.wait()
     finally:
-        compiler.close()
+        pool.close()
     config = dict(
         command="python -m benchmarks --static " + " ".join(sys.argv[1:] if argv is None else argv),
         arch=args.arch,
@@ -183,7 +195,7 @@ def main(argv=None) -> int:
         ops=args.ops,
         elapsed_s=round(time.perf_counter() - start, 1),
     )
-    doc = static_report.build(launches, results, work, errors, versions(), config)
+    doc = static_report.build(launches, binaries, results, work, errors, versions(), config)
     paths = static_report.write(doc, args.out)
     for verdict in doc["verdicts"]:
         print(static_report.verdict_line(verdict))

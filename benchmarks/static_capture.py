@@ -102,6 +102,35 @@ class Binary:
         parts += (sorted(self.attrs.items()), sorted(self.options.items()), triton.__version__)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
+    def job(self) -> dict:
+        """Picklable: the kernel by module and name, and what ``triton.compile`` takes."""
+        fn = self.fn.fn
+        return dict(
+            module=fn.__module__,
+            name=fn.__name__,
+            arch=self.arch,
+            signature=self.signature,
+            constexprs=self.constexprs,
+            attrs=self.attrs,
+            options=self.options,
+        )
+
+    def info(self) -> dict:
+        """JSON-ready: kernel, function, arch, named constexprs, the arguments triton specialised as
+        divisible by 16, warps and stages."""
+        names = self.fn.arg_names
+        div16 = [names[path[0]] for path, attr in self.attrs.items() if ["tt.divisibility", 16] in map(list, attr)]
+        constexprs = {k: v if isinstance(v, int | float | str) else str(v) for k, v in self.named_constexprs().items()}
+        return dict(
+            kernel=self.kernel,
+            function=f"{self.fn.fn.__module__}.{self.fn.fn.__name__}",
+            arch=self.arch,
+            constexprs=constexprs,
+            divisible_by_16=div16,
+            num_warps=self.options["num_warps"],
+            num_stages=self.options["num_stages"],
+        )
+
     def launch_metadata(self, grid, stream, *args) -> None:
         return None
 
@@ -124,9 +153,19 @@ class Launch:
     def programs(self) -> int:
         return math.prod(self.grid)
 
-    @property
-    def calls(self) -> list[str]:
-        return list(self.repeats)
+    def summary(self) -> dict:
+        """JSON-ready: binary key, kernel, grid, programs, warps, stages, the calls that issue it and the
+        most times one call does."""
+        return dict(
+            compile=self.binary.key,
+            kernel=self.binary.kernel,
+            grid=list(self.grid),
+            programs=self.programs,
+            num_warps=self.binary.options["num_warps"],
+            num_stages=self.binary.options["num_stages"],
+            calls=list(self.repeats),
+            repeats=max(self.repeats.values()),
+        )
 
 
 _sinks: list[list[Launch]] = []

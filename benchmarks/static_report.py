@@ -14,6 +14,7 @@ from pathlib import Path
 # that never recomputes a score tile per feature chunk (issue 18); the call the work record measures.
 REFERENCE = {"cosine": (2.5, "need_grad=True"), "contrastive-all": (3.0, "need_a=False")}
 REFERENCE_NEED_A = 4.0  # contrastive "all" with detach_first=False: dA too
+WORK_SHAPE = (4096, 4)  # (N, B) of the work records
 WORK_DS = (384, 768, 1024)
 WORK_BOUND = 1.25
 TENSOR_CORE_PRECISIONS = ("tf32", "bf16", "fp16")
@@ -21,61 +22,31 @@ FILL_TOKENS = 4096  # B·N from which every O(N²·D) launch must have a program
 
 
 # ------------------------------------------------------------------------------------------- records
-def launch_record(ctx: dict, launch, key: str, result: dict) -> dict:
-    """One launch: where it runs, what it is, and what the compiler says about its binary."""
+def launch_record(ctx: dict, launch: dict, result: dict) -> dict:
+    """One launch: where it runs (``ctx``), what it is (``Launch.summary()``) and what the compiler says
+    about its binary (``result``)."""
     stores, loads = result.get("spill_stores"), result.get("spill_loads")
-    rec = dict(
-        arch=ctx["arch"],
-        op=ctx["op"],
-        kernel=launch.binary.kernel,
-        dtype=ctx["dtype"],
-        precision=ctx["precision"],
-        D=ctx["D"],
-        N=ctx["N"],
-        B=ctx["B"],
+    rec = {k: ctx[k] for k in ("arch", "op")} | dict(kernel=launch["kernel"])
+    rec |= {k: ctx[k] for k in ("dtype", "precision", "D", "N", "B")}
+    rec |= dict(
         shared_bytes=result.get("shared_bytes"),
         shared_limit=ctx["shared_limit"],
         spills=None if stores is None else stores + loads,
         local_bytes=result.get("local_bytes"),
         registers=result.get("registers"),
         tensor_core=result.get("tensor_core"),
-        programs=launch.programs,
+        programs=launch["programs"],
         sms=ctx["sms"],
-        grid=list(launch.grid),
-        num_warps=launch.binary.options["num_warps"],
-        num_stages=launch.binary.options["num_stages"],
-        calls=launch.calls,
-        repeats=max(launch.repeats.values()),
-        compile=key,
     )
+    rec |= {k: launch[k] for k in ("grid", "num_warps", "num_stages", "calls", "repeats", "compile")}
     if "error" in result:
         rec["error"] = result["error"]
     return rec
 
 
-def compile_record(binary, result: dict) -> dict:
-    """One distinct binary: its kernel, target, constexprs, the arguments triton specialised as divisible by
-    16, options, and the compiler's numbers."""
-    names = binary.fn.arg_names
-    div16 = [names[path[0]] for path, attr in binary.attrs.items() if ["tt.divisibility", 16] in map(list, attr)]
-    constexprs = {k: v if isinstance(v, int | float | str) else str(v) for k, v in binary.named_constexprs().items()}
-    return dict(
-        kernel=binary.kernel,
-        function=f"{binary.fn.fn.__module__}.{binary.fn.fn.__name__}",
-        arch=binary.arch,
-        constexprs=constexprs,
-        divisible_by_16=div16,
-        num_warps=binary.options["num_warps"],
-        num_stages=binary.options["num_stages"],
-        **result,
-    )
-
-
 def work_records(work: dict) -> list[dict]:
     """Issued against reference multiply-adds per op, dtype, precision and D at the work shape; the issued
     count is the largest over the archs (launchers may plan per target), each arch's kept beside it."""
-    from benchmarks.static import WORK_SHAPE
-
     N, B = WORK_SHAPE
     by_case = defaultdict(dict)
     for (op, dtype, precision, D, arch), macs in work.items():
@@ -97,14 +68,15 @@ def work_records(work: dict) -> list[dict]:
     return records
 
 
-def build(launches, results, work, errors, versions: dict, config: dict) -> dict:
-    """The whole report as one JSON-ready dict: versions, config, verdicts, launches, work, compiles."""
-    records, compiles = [], {}
-    for ctx, launch in launches:
-        key = launch.binary.key
-        records.append(launch_record(ctx, launch, key, results[key]))
-        if key not in compiles:
-            compiles[key] = compile_record(launch.binary, results[key])
+def build(launches, binaries: dict, results: dict, work, errors, versions: dict, config: dict) -> dict:
+    """The whole report as one JSON-ready dict: versions, config, verdicts, errors, work, launches, compiles.
+
+    Args:
+        launches: (context, ``Launch.summary()``) pairs; binaries: ``Binary.info()`` by key; results: the
+            compiler's numbers by key; work, errors: as ``benchmarks.static.capture_task`` returns them.
+    """
+    records = [launch_record(ctx, launch, results[launch["compile"]]) for ctx, launch in launches]
+    compiles = {key: binaries[key] | results[key] for key in dict.fromkeys(r["compile"] for r in records)}
     doc = dict(versions=versions, config=config, verdicts=[], errors=errors, work=work_records(work))
     doc.update(launches=records, compiles=compiles)
     doc["verdicts"] = verdicts(doc)
