@@ -116,19 +116,23 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-image losses and, when ``need_grad``, d loss_b / dx in the work dtype, on either path."""
     B, N, _ = x.shape
-    xw = x.to(work_dtype(x.dtype))
+    work = work_dtype(x.dtype)
+    normalized = None  # (x̂, |x|) in the work dtype: the PyTorch path's operands, both paths' epilogue
     if backend == "triton":
         from fastpatchdiv.kernels.cosine import cosine_forward
 
         total, g = cosine_forward(x, mask, operands, need_grad)
     else:
+        normalized = _normalized(x.to(work), mask)
         with matmul_precision(operands):
-            total, g = _torch_sums(_normalized(xw, mask)[0], operands, need_grad)
+            total, g = _torch_sums(normalized[0], operands, need_grad)
     c = pair_scale(mask, B, N, x.device)
-    loss = (total * c).to(xw.dtype)
+    loss = (total * c).to(work)
     if not need_grad:
         return loss, None
-    return loss, _through_norm(g.to(xw.dtype), *_normalized(xw, mask), c, mask)
+    if normalized is None:
+        normalized = _normalized(x.to(work), mask)
+    return loss, _through_norm(g.to(work), *normalized, c, mask)
 
 
 # -------------------------------------------------------------------------------------- library ops

@@ -196,8 +196,8 @@ def score_plan(operands: str, target: Target, square: bool = False, stores_tile:
         block_m, block_n, block_k, warps = 128, 128 if square else 64, 32 if op_bytes == 4 else 64, 8
     per_stage = (block_m + block_n) * block_k * op_bytes
     fixed = block_m * block_n * 4 if stores_tile else 0
-    # On sm_100 triton's tcgen05 pipeline holds 128 registers a thread; a third stage spills there.
-    most = 2 if target.arch == 100 else 3
+    # On sm_100 triton's tcgen05 pipeline holds 128 registers a thread: a third stage spills there.
+    most = (1 if operands == "fp32" else 2) if target.arch == 100 else 3
     return LaunchPlan(block_m, block_n, block_k, num_warps=warps, num_stages=stages(target, per_stage, fixed, most))
 
 

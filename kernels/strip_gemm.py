@@ -88,15 +88,19 @@ def pick_blocks(d: int, operands: str, t_bytes: int, target: Target) -> LaunchPl
     if target.arch == 0:
         return LaunchPlan(MIN_DOT.value, MIN_DOT.value, MIN_DOT.value, num_warps=1, num_stages=1)
     op_bytes = operand_dtype(operands).itemsize
-    block_n = min(128, max(64, triton.next_power_of_2(d)))
-    block_k = 32 if op_bytes == 4 else 64
-    # A stage holds T's tile as loaded and converted, and X's tile.
-    per_stage = 128 * block_k * (t_bytes + op_bytes) + block_k * block_n * op_bytes
+    block_m, block_n, block_k = 128, min(128, max(64, triton.next_power_of_2(d))), 32 if op_bytes == 4 else 64
+    if operands == "fp32":
+        # Exact fp32 runs on FFMA, whose operands live in registers: 64 x 64 tiles do not spill.
+        block_m, block_n, block_k = 64, 64, 16
     most, warps = 4, 8
     if target.arch == 100 and operands != "fp32":
-        # triton's tcgen05 pipeline caps the registers a thread holds: 4 warps and 3 stages fit there.
-        most, warps = 3, 4
-    return LaunchPlan(128, block_n, block_k, num_warps=warps, num_stages=stages(target, per_stage, most=most))
+        # triton's tcgen05 pipeline caps the registers a thread holds: 4 warps, 2 stages and, for TF32,
+        # 16-deep K chunks fit there (the static report).
+        most, warps = 2, 4
+        block_k = 16 if operands == "tf32" else block_k
+    # A stage holds T's tile as loaded and converted, and X's tile.
+    per_stage = block_m * block_k * (t_bytes + op_bytes) + block_k * block_n * op_bytes
+    return LaunchPlan(block_m, block_n, block_k, num_warps=warps, num_stages=stages(target, per_stage, most=most))
 
 
 def strip_gemm(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, accumulate: bool, operands: str, target: Target):
