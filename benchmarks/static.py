@@ -158,16 +158,23 @@ class Pool:
 
 
 def versions() -> dict:
+    """torch, triton, the commit, and whether the kernels or the package differ from it (``dirty``)."""
     import torch
     import triton
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return dict(torch=torch.__version__, triton=triton.__version__, commit=commit)
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "fastpatchdiv")
+    return dict(
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=git("rev-parse", "--short", "HEAD"),
+        dirty=None if status is None else bool(status),
+    )
 
 
 def main(argv=None) -> int:

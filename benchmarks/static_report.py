@@ -209,10 +209,12 @@ CANNOT_SHOW = [
 def markdown(doc: dict) -> list[str]:
     """static.md: header, verdicts, what it cannot show, the work table, one compile table per arch."""
     v, c = doc["versions"], doc["config"]
+    dirty = " with uncommitted changes to the kernels or the package" if v.get("dirty") else ""
     lines = [
         "# Static report: fastpatchdiv's Triton kernels compiled as launched, per GPU target",
         "",
-        f"torch {v['torch']}, triton {v['triton']}, commit {v['commit']}; `{c['command']}` ({c['elapsed_s']:.0f} s).",
+        f"torch {v['torch']}, triton {v['triton']}, commit {v['commit']}{dirty}; `{c['command']}` "
+        f"({c['elapsed_s']:.0f} s).",
         f"Archs {c['arch']}; dtypes {c['dtype']}; D {c['D']}; N {c['N']}; B {c['B']}: "
         f"{len(doc['launches'])} launches, {len(doc['compiles'])} distinct compiles.",
         "",
