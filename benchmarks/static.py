@@ -129,13 +129,20 @@ class Pool:
         return launches, binaries, work, errors
 
     def submit(self, key: str, job: dict) -> None:
+        """Queue the compile of binary ``key`` unless it is queued, done, or in the cache."""
         if key in self.results or key in self.futures:
             return
-        path = self.cache / f"{key}.json" if self.cache else None
-        if path and path.exists():
-            self.results[key] = json.loads(path.read_text())
-        else:
+        try:
+            self.results[key] = json.loads((self.cache / f"{key}.json").read_text())
+        except (TypeError, OSError, ValueError):  # no cache, not cached, or a torn file: compile it
             self.futures[key] = self.pool.submit(self.compile_job, job)
+
+    def _store(self, key: str) -> None:
+        # Written whole, then renamed: two runs sharing the cache never read half a file.
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache / f"{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.results[key]))
+        os.replace(tmp, self.cache / f"{key}.json")
 
     def wait(self) -> dict[str, dict]:
         """Every compile result by binary key, once all are done; progress every 20 s."""
@@ -145,8 +152,7 @@ class Pool:
             key = todo[future]
             self.results[key] = future.result()
             if self.cache and "error" not in self.results[key]:
-                self.cache.mkdir(parents=True, exist_ok=True)
-                (self.cache / f"{key}.json").write_text(json.dumps(self.results[key]))
+                self._store(key)
             if time.perf_counter() - start - last > 20 or i == len(todo):
                 last = time.perf_counter() - start
                 print(f"  compiled {i}/{len(todo)} after {last:.0f} s", flush=True)
