@@ -21,15 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpatchdiv._common import operand_dtype
 from fastpatchdiv.kernels import INTERPRETER
 
 # tl.dot takes tiles of at least 16 in every dimension (a constexpr, so kernels can read it).
 MIN_DOT = tl.constexpr(16)
 # The most bytes a strip's scratch (sign(S) or P, rows x N) may take on a GPU: never N x N.
 SCRATCH_BYTES = 256 * 2**20
-# Operand precisions of the matrix work: exact fp32, TF32 tensor cores, or 16-bit tensor cores.
-OPERANDS = ("fp32", "tf32", "bf16", "fp16")
-_OPERAND_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -122,10 +120,6 @@ def grid_splits(target: Target, programs: int, most: int) -> int:
 
 
 # --------------------------------------------------------------------------------------- operands
-def operand_dtype(operands: str) -> torch.dtype:
-    return _OPERAND_DTYPES[operands]
-
-
 def input_precision(operands: str) -> str:
     """``tl.dot``'s input_precision: exact fp32 is "ieee"; 16-bit operands ignore it."""
     return "ieee" if operands == "fp32" else "tf32"
@@ -175,10 +169,6 @@ def check_image_offsets(*tensors: torch.Tensor) -> None:
                 f"one image of shape {tuple(t.shape[1:])} with strides {t.stride()[1:]} spans {reach} elements; "
                 "the kernels index inside an image in 32 bits: pass a contiguous tensor or use backend='torch'"
             )
-
-
-def ceil_to(value: int, multiple: int) -> int:
-    return triton.cdiv(value, multiple) * multiple
 
 
 def score_plan(operands: str, target: Target, square: bool = False, stores_tile: bool = False) -> LaunchPlan:

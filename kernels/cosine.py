@@ -115,6 +115,36 @@ def _triangle_row(t):
 
 
 @triton.jit
+def _gram_tile(
+    base,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """X̂_rows X̂_colsᵀ for one (BLOCK_M, BLOCK_N) tile of one image's contiguous (N, D) x̂, in fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < D
+        # Padding loads as 0: a zero feature adds nothing to a dot product.
+        a = tl.load(base + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(base + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        s = tl.dot(a, bt, s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
 def _cosine_fwd_kernel(
     xhat_ptr,
     partial_ptr,
@@ -134,7 +164,6 @@ def _cosine_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     base = xhat_ptr + b * N * D
     offs = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BLOCK_K)
 
     # Row sums of a tile stay in fp32 (BLOCK terms); across tiles they add up in fp64, so the loss keeps
     # fp32's relative accuracy however many tiles (N²/BLOCK² of them) a program visits.
@@ -147,17 +176,7 @@ def _cosine_fwd_kernel(
         row_ok = rows < N
         col_ok = cols < N
 
-        s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + offs_k
-            k_ok = ks < D
-            # Padding loads as 0: a zero feature adds nothing to a dot product.
-            a = tl.load(base + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bt = tl.load(base + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            s = tl.dot(a, bt, s, input_precision=PRECISION)
+        s = _gram_tile(base, rows, cols, row_ok, col_ok, D, BLOCK, BLOCK, BLOCK_K, PRECISION, UPCAST)
         keep = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
         weight = tl.where(r > c, 2.0, 1.0)
         total += (weight * tl.sum(tl.where(keep, tl.abs(s), 0.0), axis=1)).to(tl.float64)
@@ -191,7 +210,6 @@ def _cosine_strip_kernel(
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = ROW0 + local
     row_ok = (local < R) & (rows < N)
-    offs_k = tl.arange(0, BLOCK_K)
     c_start = tl.program_id(1) * COLS_PER_SPLIT
     c_end = tl.minimum(N, c_start + COLS_PER_SPLIT)
 
@@ -199,17 +217,7 @@ def _cosine_strip_kernel(
     for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < c_end
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + offs_k
-            k_ok = ks < D
-            # Padding loads as 0: a zero feature adds nothing to a dot product.
-            a = tl.load(base + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bt = tl.load(base + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            s = tl.dot(a, bt, s, input_precision=PRECISION)
+        s = _gram_tile(base, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         keep = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
         # A tile's row sums stay fp32 (BLOCK_N terms); across tiles they add up in fp64.
         total += tl.sum(tl.where(keep, tl.abs(s), 0.0), axis=1).to(tl.float64)

@@ -41,14 +41,13 @@ def _strip_gemm_kernel(
     stride_ob,
     stride_om,
     stride_od,
-    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M)·cdiv(D, BLOCK_N), splits, images): out[split, b] (+)= T_b[:, K range] X_b[K range]."""
+    """Grid (cdiv(M, BLOCK_M)·cdiv(D, BLOCK_N), splits, images): out[split, b] = T_b[:, K range] X_b[K range]."""
     tl.static_assert(BLOCK_M >= MIN_DOT and BLOCK_N >= MIN_DOT and BLOCK_K >= MIN_DOT)
     n_tiles = tl.cdiv(D, BLOCK_N)
     tile_m = tl.program_id(0) // n_tiles
@@ -76,10 +75,7 @@ def _strip_gemm_kernel(
         acc = tl.dot(t.to(x.dtype), x, acc, input_precision=PRECISION)
 
     out = out_ptr + split * stride_os + b * stride_ob + rows[:, None] * stride_om + cols[None, :] * stride_od
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out, mask=tile_ok, other=0.0)
-    tl.store(out, acc, mask=tile_ok)
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def pick_blocks(d: int, operands: str, t_bytes: int, target: Target) -> LaunchPlan:
@@ -114,9 +110,10 @@ def strip_gemm(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, accumulate: 
     splits = grid_splits(target, tiles * G, k_blocks)
     k_per_split = triton.cdiv(k_blocks, splits) * plan.block_k
     splits = triton.cdiv(K, k_per_split)
-    dest = out if splits == 1 else torch.empty((splits, G, M, D), dtype=torch.float32, device=out.device)
-    split_stride = 0 if splits == 1 else dest.stride(0)
-    dest_strides = out.stride() if splits == 1 else dest.stride()[1:]
+    direct = splits == 1 and not accumulate
+    # Split K, or adding to ``out``, goes through an fp32 workspace that torch reduces into ``out``: an
+    # in-kernel read-modify-write would hold a second accumulator tile in registers (it spills on sm_100).
+    dest = out if direct else torch.empty((splits, G, M, D), dtype=torch.float32, device=out.device)
     launch(
         _strip_gemm_kernel,
         (tiles, splits, G),
@@ -129,9 +126,8 @@ def strip_gemm(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, accumulate: 
         k_per_split,
         *t.stride(),
         *x.stride(),
-        split_stride,
-        *dest_strides,
-        ACCUMULATE=accumulate and splits == 1,
+        0 if direct else dest.stride(0),
+        *(out.stride() if direct else dest.stride()[1:]),
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k,
@@ -139,8 +135,8 @@ def strip_gemm(t: torch.Tensor, x: torch.Tensor, out: torch.Tensor, accumulate: 
         operands=operands,
         **plan.options(operands),
     )
-    if splits > 1:
-        total = dest.sum(dim=0)  # a fixed reduction order: the same bits on every run
+    if not direct:
+        total = dest.sum(dim=0) if splits > 1 else dest[0]  # a fixed reduction order: the same bits every run
         if accumulate:
             out.add_(total)
         else:
