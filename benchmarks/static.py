@@ -170,7 +170,9 @@ def versions() -> dict:
 
     def git(*cmd: str) -> str | None:
         try:
-            return subprocess.run(["git", *cmd], cwd=ROOT.parent, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT.parent, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
