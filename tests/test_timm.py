@@ -381,10 +381,10 @@ def test_eva_patch_dropout_pairs_the_kept_patches():
         torch.manual_seed(1)
         model(x)
         got = div.loss()
-        with pytest.raises(ValueError, match="patch dropout"):
-            with fpt.attach(model, negatives="window", window=3) as div_window:
-                model(x)
-                div_window.loss()
+    with pytest.raises(ValueError, match="patch dropout"):
+        with fpt.attach(model, negatives="window", window=3) as div_window:
+            model(x)
+            div_window.loss()
     torch.manual_seed(1)  # the same dropped patches again
     last = model.forward_features(x)[:, model.num_prefix_tokens :]
     handle.remove()
@@ -586,6 +586,18 @@ def test_context_manager_removes_the_hooks():
         model(x)
         div.loss()
     assert _hook_state(model) == hooks_before
+
+
+def test_a_second_attach_raises_until_the_first_is_removed():
+    """Two attaches would add their losses twice, silently: the second raises, and works after remove()."""
+    model, x = _model("vit")
+    div = fpt.attach(model)
+    with pytest.raises(RuntimeError, match="already has a PatchDiversity"):
+        fpt.attach(model, cosine_weight=2.0)
+    div.remove()
+    with fpt.attach(model) as again:
+        model(x)
+        assert again.loss().isfinite()
 
 
 def test_div_has_no_parameters_of_its_own_or_the_models():

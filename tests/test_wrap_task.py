@@ -187,6 +187,12 @@ def test_without_mixing_the_task_keeps_its_module_and_criterion():
     torch.testing.assert_close(result["loss"], result["base_loss"] + result["patch_cosine"])
 
 
+def test_a_wrapped_task_is_not_wrapped_again():
+    task = make_task("classification", cosine_weight=1.0, contrastive_weight=0.0)
+    with pytest.raises(TypeError, match="already a wrap_task result"):
+        wrap_task(task, cosine_weight=1.0)
+
+
 def test_ema_and_its_checkpoint_state_are_the_wrapped_tasks():
     task = make_task("classification")
     task.setup_ema(decay=0.5)

@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from fastpatchdiv._common import check_flag, work_dtype
+from fastpatchdiv._common import check_flag, check_precision, work_dtype
 from fastpatchdiv.contrastive import PatchContrastiveLoss
 from fastpatchdiv.cosine import PatchCosineLoss
 from fastpatchdiv.cutmix import cutmix_patches
@@ -153,6 +153,7 @@ class PatchDiversity(nn.Module):
             handle.remove()
         self._handles.clear()
         self._recorder.clear()
+        self._recorder.release()
         self._removed = True
 
     def __enter__(self) -> PatchDiversity:
@@ -350,7 +351,7 @@ def attach(
         "mixing": _check_weight("mixing_weight", mixing_weight),
     }
     check_flag("in_eval", in_eval)
-    _check_precision(precision)
+    check_precision(precision)
     _check_sources(inner, wiring, weights)
     contrastive = PatchContrastiveLoss(
         temperature=temperature,
@@ -410,11 +411,6 @@ def _check_weight(name: str, value) -> float:
     if not (math.isfinite(float(value)) and float(value) >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def _check_precision(precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
 
 
 def _check_sources(model: nn.Module, wiring: Wiring, weights: dict) -> None:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 from types import FrameType
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 from fastpatchdiv.trainers.registry import Grid, Hook, Tap, Wiring
+
+# The models that carry an attach's hooks now (weak: a model dropped by the user leaves the set).
+_HOOKED: weakref.WeakSet = weakref.WeakSet()
 
 
 class State(Enum):
@@ -129,7 +133,17 @@ class Recorder:
         return self
 
     def register(self) -> list:
-        """Put every hook on the model; returns their handles."""
+        """Put every hook on the model; returns their handles.
+
+        Raises:
+            RuntimeError: the model already carries another attach's hooks (both would add their losses).
+        """
+        if self.root in _HOOKED:
+            raise RuntimeError(
+                "fastpatchdiv.attach: this model already has a PatchDiversity attached, whose losses would be "
+                "added twice; call .remove() on it first (one attach per model)"
+            )
+        _HOOKED.add(self.root)
         w = self.wiring
         handles = [
             self.root.register_forward_pre_hook(self._root_pre, with_kwargs=True),
@@ -146,6 +160,10 @@ class Recorder:
     def clear(self) -> None:
         self.pending = self.latest = None
         self.calls.clear()
+
+    def release(self) -> None:
+        """The hooks are off: the model may be attached again."""
+        _HOOKED.discard(self.root)
 
     # -- the model's own calls ---------------------------------------------------------------------------
 

@@ -333,6 +333,8 @@ def wrap_task(task: TrainingTask, *, label_smoothing: float | None = None, **opt
     """
     if not isinstance(task, TrainingTask):
         raise TypeError(f"task must be a timm.task.TrainingTask, got {type(task).__name__}")
+    if isinstance(task, PatchDiversityTask):
+        raise TypeError("task is already a wrap_task result: wrap the task timm built once")
     if isinstance(task.get_trainable_module(), DistributedDataParallel):
         raise ValueError("wrap the task before task.prepare_distributed(): the patch head needs its own DDP wrapper")
     mixing = float(options.get("mixing_weight", 0) or 0) > 0
