@@ -308,8 +308,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> CheckpointKeys:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is empty or no PyTorch checkpoint, holds no state dict, or none of its keys
-            is one of the model's.
+        ValueError: the file is empty or no PyTorch checkpoint, holds no state dict, none of its keys
+            is one of the model's, or its tensors have other shapes (a checkpoint of another model size).
         RuntimeError: the file needs pickled classes beyond tensors and ``argparse.Namespace`` (timm's
             message names them), or a damaged zip archive.
     """
@@ -326,6 +326,14 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> CheckpointKeys:
         raise ValueError(
             f"{path}: none of its {len(state)} keys (e.g. {next(iter(state), None)!r}) is a key of"
             f" {type(model).__name__} (e.g. {next(iter(own))!r}): a checkpoint of another model?"
+        )
+    shapes = model.state_dict()
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != tuple(shapes[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"{path}: {len(wrong)} of its tensors have other shapes than {type(model).__name__}'s (e.g. {k!r}: "
+            f"{tuple(state[k].shape)} against {tuple(shapes[k].shape)}): pass the --model it was trained as"
         )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(prefixes)]

@@ -157,6 +157,9 @@ def test_load_checkpoint_prefixes_resampling_and_refusals(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="none of its .* keys .* is a key of VisionTransformer"):
         load_checkpoint(target, tmp_path / "resnet.pth")
+    torch.save(_small_vit(embed_dim=48).state_dict(), tmp_path / "wide.pth")  # another model size
+    with pytest.raises(ValueError, match="other shapes than VisionTransformer's .* pass the --model"):
+        load_checkpoint(target, tmp_path / "wide.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="expected a state dict"):
         load_checkpoint(target, tmp_path / "list.pth")
