@@ -65,3 +65,27 @@ def test_score_tiles_fit_and_take_wgmma_shapes(arch, operands):
         per_stage = (plan.block_m + plan.block_n) * plan.block_k * op_bytes
         assert plan.num_stages * per_stage <= target.max_shared
         assert plan.block_m % 64 == 0 and plan.num_warps % 4 == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("arch", [80, 100, 120])
+def test_tf32_plans_at_gpu_blocks(kernel_device, arch):
+    """TF32 operands take their own tiles (32-deep K; 16-deep in sm_100's GEMM); run them on both ops."""
+    from fastpatchdiv import patch_contrastive_loss, patch_cosine_loss
+    from fastpatchdiv.reference import contrastive_loss_reference, cosine_loss_reference
+    from tests.helpers import assert_close
+
+    first, last = contrastive_tokens(*SHAPE, torch.float32, kernel_device, scale=0.3)
+    last.requires_grad_()
+    with use_target(_small_scratch(arch)):
+        cos = patch_cosine_loss(last, reduction="none", precision="tf32")
+        nce = patch_contrastive_loss(first, last, negatives="all", temperature=0.5, reduction="none", precision="tf32")
+        (grad,) = torch.autograd.grad((cos + nce).sum(), last)
+    f64, l64 = first.double().cpu(), last.detach().double().cpu().requires_grad_()
+    ref_cos = cosine_loss_reference(l64)
+    ref_nce = contrastive_loss_reference(f64, l64, negatives="all", temperature=0.5)
+    (ref_grad,) = torch.autograd.grad((ref_cos + ref_nce).sum(), l64)
+    # TF32 keeps fp16's 10 mantissa bits on a GPU (exact fp32 under the interpreter): fp16's tolerance row.
+    assert_close(cos, ref_cos, torch.float16, f"sm_{arch} tf32 cosine")
+    assert_close(nce, ref_nce, torch.float16, f"sm_{arch} tf32 all")
+    assert_close(grad, ref_grad, torch.float16, f"sm_{arch} tf32 grad")
