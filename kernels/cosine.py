@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpatchdiv.kernels import INTERPRETER
 from fastpatchdiv.kernels._utils import (
     MIN_DOT,
     LaunchPlan,
@@ -345,6 +344,3 @@ def cosine_forward(
     if not need_grad:
         return _loss_only(xhat, operands, plans["triangle"], target), None
     return _loss_and_g(xhat, operands, plans["strip"], target)
-
-
-__all__ = ["EPS", "INTERPRETER", "cosine_forward", "pick_blocks"]
